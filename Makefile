@@ -1,0 +1,28 @@
+# `make smoke`: set up .venv and run the main job.  `make test`: set up .venv and run every test tier.
+VENV  ?= .venv
+TORCH ?= torch==2.13.0
+PY    := $(VENV)/bin/python
+
+.PHONY: setup smoke test test-unit lint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet --no-build-isolation deepspeed
+	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+smoke: setup
+	$(VENV)/bin/launcher launch recipes/smoke.yaml --nproc_per_node 2 --run.output_dir=runs/smoke-$$(date +%Y%m%d-%H%M%S)
+
+test: setup
+	$(PY) -m pytest tests
+
+test-unit: setup
+	$(PY) -m pytest tests -m "not integration"
+
+lint: setup
+	$(VENV)/bin/ruff check launcher tests

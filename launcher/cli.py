@@ -1,0 +1,74 @@
+"""The `launcher` command (python-fire). Kept light: --help and plan import neither torch nor deepspeed.
+
+Every command takes a recipe and dotted overrides, which win over the recipe: --training.learning_rate=1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from launcher import plan as plans
+from launcher import rundir, topology
+from launcher.errors import RecipeError, exits_cleanly
+from launcher.schema import did_you_mean
+
+LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "hostfile")
+
+
+def _split(overrides: dict) -> dict:
+    """Dotted keys are recipe overrides; anything else is a flag this command does not have."""
+    for key in overrides:
+        if "." not in key:
+            raise RecipeError(f"command line: unknown option --{key}{did_you_mean(key, LAUNCH_FLAGS + ('format',))}; "
+                              "recipe overrides look like --section.key=value")
+    return overrides
+
+
+@exits_cleanly
+def plan(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_rank: int = 0,
+         master_addr: str = "127.0.0.1", master_port: int = topology.DEFAULT_PORT, hostfile: str | None = None,
+         format: str = "text", **overrides) -> None:
+    """Validate RECIPE and print what a launch would run: recipe, DeepSpeed JSON, batch, memory, command."""
+    topo = topology.from_flags(nproc_per_node, nnodes, node_rank, master_addr, master_port, hostfile)
+    resolved = plans.make(recipe, _split(overrides), topo)
+    if format == "json":
+        print(json.dumps(plans.as_json(resolved), indent=2))
+    elif format == "text":
+        print(plans.render(resolved))
+    else:
+        raise RecipeError(f"command line: --format is {format!r}; use text or json")
+
+
+@exits_cleanly
+def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_rank: int = 0,
+           master_addr: str = "127.0.0.1", master_port: int = topology.DEFAULT_PORT, hostfile: str | None = None,
+           **overrides) -> None:
+    """Start this node's ranks with the real `deepspeed` launcher (multi-node: --nnodes/--node_rank/--master_addr,
+    no ssh needed; or --hostfile for DeepSpeed's own ssh start-up)."""
+    topo = topology.from_flags(nproc_per_node, nnodes, node_rank, master_addr, master_port, hostfile)
+    resolved = plans.make(recipe, _split(overrides), topo)
+    rundir.prepare(resolved.run_dir, resolved.files())
+    print(f"run directory {resolved.run_dir}\n{resolved.batch}\n{topo}", flush=True)
+    print(topology.shell_line(resolved.env, resolved.command), flush=True)
+    result = subprocess.run(resolved.command, env={**os.environ, **resolved.env})
+    sys.exit(result.returncode)
+
+
+@exits_cleanly
+def train(recipe: str, **overrides) -> None:
+    """Train in this process as a single rank: the quick debug run of a recipe on one GPU or the CPU."""
+    from launcher import train as worker
+
+    worker.run(recipe, _split(overrides))
+
+
+COMMANDS = {"plan": plan, "launch": launch, "train": train}
+
+
+def main() -> None:
+    import fire
+
+    fire.Fire(COMMANDS, name="launcher")

@@ -1,0 +1,203 @@
+"""Turn a DeepSpeed JSON template + the recipe + the world size into the exact config every rank uses.
+
+Nothing is left as "auto": the batch arithmetic (global = micro x accumulation x world), precision, clipping,
+optimizer hyper-parameters and bucket sizes are written as numbers here, so `plan` shows what the ranks will run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher import sft_fields
+from launcher.errors import RecipeError
+from launcher.schema import Recipe
+
+
+@dataclass(frozen=True)
+class Batch:
+    micro: int
+    accumulation: int
+    world: int
+
+    @property
+    def global_size(self) -> int:
+        return self.micro * self.accumulation * self.world
+
+    def __str__(self) -> str:
+        return (f"micro {self.micro} x accumulation {self.accumulation} x world {self.world} "
+                f"= global {self.global_size}")
+
+
+def training_value(recipe: Recipe, key: str) -> Any:
+    """The recipe's value for an SFTConfig key, or SFTConfig's default."""
+    return recipe.training.get(key, sft_fields.default(key))
+
+
+def resolve(recipe: Recipe, world: int, model_config: dict | None, where: str) -> tuple[dict, Batch]:
+    """The resolved DeepSpeed config and batch. Writes the derived batch numbers into recipe.training."""
+    src = recipe.deepspeed.config
+    ds = merge(load_template(src), recipe.deepspeed.overrides)
+    label = f"{src} (with deepspeed.overrides)" if recipe.deepspeed.overrides else src
+    stage = zero_stage(ds, label)
+    batch = resolve_batch(recipe, world, where)
+    recipe.training["per_device_train_batch_size"] = batch.micro
+    recipe.training["gradient_accumulation_steps"] = batch.accumulation
+    _set_number(ds, "train_micro_batch_size_per_gpu", batch.micro, label)
+    _set_number(ds, "gradient_accumulation_steps", batch.accumulation, label)
+    _set_number(ds, "train_batch_size", batch.global_size, label)
+    _set_number(ds, "gradient_clipping", training_value(recipe, "max_grad_norm"), label)
+    _set_precision(ds, recipe)
+    _set_optimizer(ds, recipe)
+    _set_buckets(ds, model_config, label)
+    _no_auto_left(ds, label)
+    check_compatible(recipe, ds, stage, label, where)
+    return ds, batch
+
+
+def to_json(ds: dict) -> str:
+    """The one serialisation used for the run directory and `plan`, so the two compare equal."""
+    return json.dumps(ds, indent=2) + "\n"
+
+
+def load_template(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RecipeError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not UTF-8 text") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a DeepSpeed config is a JSON object")
+    return data
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """Deep-merge `overrides` into a copy of `base`; nested mappings merge, everything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def zero_stage(ds: dict, label: str) -> int:
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise RecipeError(f"{label}: zero_optimization.stage is {stage!r}; ZeRO stages are 0, 1, 2 and 3")
+    return stage
+
+
+def resolve_batch(recipe: Recipe, world: int, where: str) -> Batch:
+    micro = training_value(recipe, "per_device_train_batch_size")
+    wanted = recipe.run.global_batch_size
+    if wanted is None:
+        return Batch(micro, training_value(recipe, "gradient_accumulation_steps"), world)
+    if wanted % (micro * world):
+        raise RecipeError(f"{where}: run.global_batch_size {wanted} is not divisible by micro batch {micro} x world "
+                          f"size {world} = {micro * world}; change one of them")
+    accumulation = wanted // (micro * world)
+    given = recipe.training.get("gradient_accumulation_steps")
+    if given is not None and given != accumulation:
+        raise RecipeError(f"{where}: training.gradient_accumulation_steps {given} contradicts run.global_batch_size "
+                          f"{wanted} at world size {world} (needs {accumulation}); set only one of them")
+    return Batch(micro, accumulation, world)
+
+
+def _set_number(ds: dict, dotted: str, value: Any, label: str) -> None:
+    """Fill an "auto" or absent key; a number already there must agree."""
+    *parents, key = dotted.split(".")
+    node = ds
+    for parent in parents:
+        node = node.setdefault(parent, {})
+    current = node.get(key, "auto")
+    if current != "auto" and current != value:
+        raise RecipeError(f"{label}: {dotted} is {current!r} but the recipe gives {value!r}; set it to \"auto\"")
+    node[key] = value
+
+
+def _set_precision(ds: dict, recipe: Recipe) -> None:
+    fp16 = bool(training_value(recipe, "fp16"))
+    bf16 = training_value(recipe, "bf16")
+    bf16 = (not fp16) if bf16 is None else bool(bf16)  # SFTConfig's rule for an unset bf16
+    for key, enabled in (("bf16", bf16), ("fp16", fp16)):
+        section = ds.setdefault(key, {})
+        if section.get("enabled", "auto") not in ("auto", enabled):
+            raise RecipeError(f"{recipe.deepspeed.config}: {key}.enabled contradicts training.{key}; set \"auto\"")
+        section["enabled"] = enabled
+
+
+def _set_optimizer(ds: dict, recipe: Recipe) -> None:
+    if "optimizer" not in ds:  # the trainer's own AdamW runs inside DeepSpeed; HF sets this flag for it
+        ds["zero_allow_untested_optimizer"] = True
+        return
+    params = ds["optimizer"].get("params", {})
+    values = {
+        "lr": training_value(recipe, "learning_rate"),
+        "betas": [training_value(recipe, "adam_beta1"), training_value(recipe, "adam_beta2")],
+        "eps": training_value(recipe, "adam_epsilon"),
+        "weight_decay": training_value(recipe, "weight_decay"),
+    }
+    for key, value in values.items():
+        if params.get(key) == "auto":
+            params[key] = value
+
+
+def _set_buckets(ds: dict, model_config: dict | None, label: str) -> None:
+    zero = ds.get("zero_optimization", {})
+    sizes = {
+        "reduce_bucket_size": lambda h: h * h,
+        "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+        "stage3_param_persistence_threshold": lambda h: 10 * h,
+    }
+    for key, size in sizes.items():
+        if zero.get(key) != "auto":
+            continue
+        hidden = hidden_size(model_config)
+        if hidden is None:
+            raise RecipeError(f"{label}: zero_optimization.{key} is \"auto\", which needs the model's hidden size; "
+                              "set model.config to a local config.json or give a number")
+        zero[key] = size(hidden)
+
+
+def hidden_size(model_config: dict | None) -> int | None:
+    if not model_config:
+        return None
+    if "hidden_size" in model_config:
+        return model_config["hidden_size"]
+    text = model_config.get("text_config") or {}
+    return text.get("hidden_size") or model_config.get("d_model")
+
+
+def _no_auto_left(ds: Any, label: str, path: str = "") -> None:
+    if ds == "auto":
+        raise RecipeError(f"{label}: {path} is \"auto\" and the launcher cannot derive it; give a number")
+    if isinstance(ds, dict):
+        for key, value in ds.items():
+            _no_auto_left(value, label, f"{path}.{key}" if path else key)
+
+
+def check_compatible(recipe: Recipe, ds: dict, stage: int, label: str, where: str) -> None:
+    zero = ds.get("zero_optimization", {})
+    lora = recipe.lora
+    if lora and lora.quantize != "none" and stage == 3:
+        raise RecipeError(f"{where}: lora.quantize {lora.quantize} (QLoRA) cannot run with ZeRO-3 ({label}); "
+                          "use ds_configs/zero2.json")
+    if lora and stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise RecipeError(f"{where}: LoRA with ZeRO-3 saves empty adapters unless "
+                          f"zero_optimization.stage3_gather_16bit_weights_on_model_save is true ({label}); set it in "
+                          "deepspeed.overrides")
+    if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
+        raise RecipeError(f"{label}: zero_optimization.offload_param needs stage 3 (stage is {stage})")
+
+
+def offload(ds: dict) -> tuple[bool, bool]:
+    """(optimizer offloaded, parameters offloaded) to CPU or NVMe."""
+    zero = ds.get("zero_optimization", {})
+    return (zero.get("offload_optimizer", {}).get("device", "none") != "none",
+            zero.get("offload_param", {}).get("device", "none") != "none")

@@ -1,0 +1,108 @@
+"""`plan`: everything a launch would do, resolved and printed, with nothing started and no weights loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher import ds_config, memory
+from launcher import recipe as recipes
+from launcher.ds_config import Batch
+from launcher.schema import Recipe
+from launcher.topology import Topology, deepspeed_command, generated_hostfile, shell_line, thread_env
+
+
+@dataclass
+class Plan:
+    recipe_path: str
+    recipe: Recipe
+    topology: Topology
+    ds_config: dict
+    batch: Batch
+    env: dict[str, str]
+    command: list[str]
+    memory: str  # one line: per-device model states, or why there is no estimate
+    params: int | None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.recipe.run.output_dir)
+
+    def files(self) -> dict[str, str]:
+        """What the launch writes into the run directory before starting ranks (content by file name)."""
+        out = {
+            "recipe.yaml": recipes.dump(self.recipe),
+            "ds_config.json": ds_config.to_json(self.ds_config),
+            "command.txt": shell_line(self.env, self.command) + "\n",
+        }
+        if self.topology.nnodes > 1 and not self.topology.hostfile:
+            out["hostfile"] = generated_hostfile(self.topology)
+        return out
+
+
+def make(recipe_path: str, overrides: dict[str, Any], topology: Topology) -> Plan:
+    recipe = recipes.load(recipe_path, overrides)
+    where = recipe_path
+    config = recipes.model_config(recipe, where)
+    ds, batch = ds_config.resolve(recipe, topology.world, config, where)
+    run_dir = Path(recipe.run.output_dir)
+    hostfile = str(run_dir / "hostfile") if topology.nnodes > 1 and not topology.hostfile else None
+    command = deepspeed_command(topology, [str(run_dir / "recipe.yaml")], hostfile)
+    params, estimate = memory_line(recipe, config, ds, topology)
+    return Plan(recipe_path, recipe, topology, ds, batch, thread_env(topology), command, estimate, params)
+
+
+def memory_line(recipe: Recipe, config: dict | None, ds: dict, topology: Topology) -> tuple[int | None, str]:
+    if config is None:
+        return None, "no estimate: set model.config to a local config.json to get one"
+    try:
+        count = memory.count_params(config)
+    except memory.UnknownArchitecture:
+        count = memory.count_params_meta(recipes.config_path(recipe))
+    stage = ds_config.zero_stage(ds, recipe.deepspeed.config)
+    off_opt, off_param = ds_config.offload(ds)
+    device, cpu = memory.model_states_bytes(count, stage, topology.nnodes, topology.slots[0], off_opt, off_param)
+    where = ", ".join(w for w, on in (("optimizer", off_opt), ("parameters", off_param)) if on)
+    line = (f"{memory.format_bytes(device)} per device and {memory.format_bytes(cpu)} CPU per node for model states "
+            f"of {count.total / 1e6:,.1f} M params at ZeRO-{stage}" + (f", {where} offloaded" if where else ""))
+    if recipe.lora:
+        line += " (full fine-tune figure: an upper bound for LoRA)"
+    return count.total, line
+
+
+def render(plan: Plan) -> str:
+    """The human-readable plan."""
+    rows = [
+        ("recipe", plan.recipe_path),
+        ("run dir", str(plan.run_dir)),
+        ("topology", str(plan.topology)),
+        ("batch", str(plan.batch)),
+        ("zero", f"stage {ds_config.zero_stage(plan.ds_config, '')} from {plan.recipe.deepspeed.config}"),
+        ("fine-tune", f"LoRA r={plan.recipe.lora.r} on {plan.recipe.lora.target_modules}" if plan.recipe.lora
+         else "full"),
+        ("memory", plan.memory),
+        ("command", shell_line(plan.env, plan.command)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    for name, text in plan.files().items():
+        if name != "command.txt":
+            lines += ["", f"--- {plan.run_dir / name}", text.rstrip()]
+    return "\n".join(lines)
+
+
+def as_json(plan: Plan) -> dict[str, Any]:
+    """The same plan as data, for scripts and tests."""
+    return {
+        "recipe": recipes.to_dict(plan.recipe),
+        "deepspeed": plan.ds_config,
+        "batch": {"micro": plan.batch.micro, "accumulation": plan.batch.accumulation, "world": plan.batch.world,
+                  "global": plan.batch.global_size},
+        "topology": {"nnodes": plan.topology.nnodes, "slots": list(plan.topology.slots)},
+        "env": plan.env,
+        "command": plan.command,
+        "memory": plan.memory,
+        "params": plan.params,
+        "run_dir": str(plan.run_dir),
+    }

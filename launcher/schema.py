@@ -1,0 +1,286 @@
+"""The recipe schema: one dataclass per YAML section, a doc and a check on every field.
+
+Precedence, highest first: command-line overrides (`--training.learning_rate=1e-5`), then the recipe file, then
+the defaults written here (for `training`, the defaults of TRL's SFTConfig). A recipe is data: no interpolation,
+no inheritance. Unknown keys, wrong types and out-of-range values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from launcher import sft_fields
+from launcher.errors import RecipeError
+
+
+def doc(text: str, check=None, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    """A dataclass field carrying its one-line doc and an optional (predicate, message) check."""
+    meta = {"doc": text, "check": check}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POSITIVE = (lambda v: v > 0, "must be > 0")
+FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+@dataclass
+class RunSection:
+    name: str = doc("Run name: names the run directory and the W&B run.")
+    output_dir: str | None = doc("Run directory; default runs/<name>. Checkpoints go under it.", default=None)
+    global_batch_size: int | None = doc(
+        "Fix the global batch; gradient accumulation is then derived per world size.", POSITIVE, default=None
+    )
+
+
+@dataclass
+class ModelSection:
+    name_or_path: str = doc("Local model directory or hub id.")
+    config: str | None = doc("Local config.json, for `plan` when name_or_path is a hub id.", default=None)
+    tokenizer: str | None = doc("Tokenizer directory or hub id; default: name_or_path.", default=None)
+    init: Literal["pretrained", "random"] = doc(
+        "pretrained: load weights; random: build from config.json (tiny test models).", default="pretrained"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("Weights dtype when loading.", default="auto")
+    attn_implementation: str | None = doc("eager, sdpa, flash_attention_2, ...; default: transformers'.", default=None)
+    trust_remote_code: bool = doc("Run modelling code shipped with the model. Off unless you trust it.", default=False)
+
+
+@dataclass
+class DatasetSpec:
+    path: str = doc("Local .json/.jsonl/.parquet/.csv file or hub id.")
+    split: str = doc("Split to read (hub datasets).", default="train")
+    subset: str | None = doc("Hub dataset configuration name.", default=None)
+    weight: float = doc("Share of this dataset's rows to use: 0.5 = half, 2 = every row twice.", POSITIVE, default=1.0)
+    columns: dict[str, str] = doc(
+        "Rename columns to the expected ones: {messages: conversations} reads `conversations` as `messages`.",
+        factory=dict,
+    )
+
+
+@dataclass
+class DataSection:
+    train: list[DatasetSpec] = doc("Training datasets; rows are chat `messages`, `prompt`/`completion` or `text`.")
+    eval: list[DatasetSpec] = doc("Evaluation datasets; when empty, eval_fraction of train is held out.", factory=list)
+    eval_fraction: float = doc("Share of training rows held out for evaluation when no eval set is given.",
+                               FRACTION, default=0.0)
+
+
+@dataclass
+class LoraSection:
+    r: int = doc("LoRA rank.", POSITIVE, default=16)
+    alpha: int = doc("LoRA alpha (scaling = alpha / r).", POSITIVE, default=32)
+    dropout: float = doc("Dropout on the LoRA path.", FRACTION, default=0.05)
+    target_modules: list[str] | str = doc("Module names to adapt, or `all-linear`.", default="all-linear")
+    modules_to_save: list[str] = doc("Modules trained in full and saved with the adapter (e.g. lm_head).",
+                                     factory=list)
+    quantize: Literal["none", "4bit", "8bit"] = doc("QLoRA: load the base model quantised (CUDA only).",
+                                                    default="none")
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = doc("DeepSpeed JSON template, e.g. ds_configs/zero3.json.", default="ds_configs/zero3.json")
+    overrides: dict[str, Any] = doc("Keys merged over the template, nested as in the JSON.", factory=dict)
+
+
+@dataclass
+class Recipe:
+    run: RunSection = doc("Name and place of the run.")
+    model: ModelSection = doc("What to fine-tune.")
+    data: DataSection = doc("What to train and evaluate on.")
+    training: dict[str, Any] = doc("TRL SFTConfig arguments, by their SFTConfig names.", factory=dict)
+    deepspeed: DeepSpeedSection = doc("ZeRO configuration.", factory=DeepSpeedSection)
+    lora: LoraSection | None = doc("Parameter-efficient fine-tuning; absent = full fine-tune.", default=None)
+
+
+# --- conversion of plain YAML data into the dataclasses above, strictly -------------------------------------------
+
+
+def build(cls: type, data: Any, where: str, path: str = "") -> Any:
+    """Convert `data` (parsed YAML) into `cls`, raising RecipeError naming `where` and the dotted key."""
+    return _convert(cls, data, where, path)
+
+
+def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, where, path)
+    if origin in (typing.Union, types.UnionType):
+        return _convert_union(typing.get_args(tp), value, where, path)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        fail(where, path, f"is {value!r}; must be one of {', '.join(map(str, typing.get_args(tp)))}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            fail(where, path, f"must be a list, got {_kind(value)}")
+        return [_convert(item, v, where, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            fail(where, path, f"must be a mapping, got {_kind(value)}")
+        return dict(value)
+    if tp is Any:
+        return value
+    return scalar(tp, value, where, path)
+
+
+def _convert_dataclass(cls: type, value: Any, where: str, path: str) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        fail(where, path, f"must be a mapping of keys, got {_kind(value)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in value:
+        if key not in fields:
+            fail(where, _join(path, key), "is not a known key" + did_you_mean(key, fields))
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(path, name)
+        if name not in value:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                fail(where, key, "is required")
+            continue
+        kwargs[name] = _convert(hints[name], value[name], where, key)
+        check = f.metadata.get("check")
+        if check and kwargs[name] is not None and not check[0](kwargs[name]):
+            fail(where, key, f"is {kwargs[name]!r}; {check[1]}")
+    return cls(**kwargs)
+
+
+def _convert_union(members: tuple, value: Any, where: str, path: str) -> Any:
+    if value is None and type(None) in members:
+        return None
+    errors = []
+    for member in members:
+        if member is type(None):
+            continue
+        try:
+            return _convert(member, value, where, path)
+        except RecipeError as err:
+            errors.append(err)
+    raise errors[0]
+
+
+def scalar(tp: type, value: Any, where: str, path: str) -> Any:
+    """Convert one scalar; strings from YAML or the command line are parsed, never guessed."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # PyYAML reads 1e-5 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    fail(where, path, f"must be {tp.__name__}, got {_kind(value)} {value!r}")
+
+
+# --- the `training` section: SFTConfig's own fields, read from TRL's source without importing it ------------------
+
+# Set by the launcher from other sections; a recipe setting them would be ignored or conflict.
+LAUNCHER_OWNED = {
+    "output_dir": "the run directory is run.output_dir",
+    "deepspeed": "the ZeRO config is deepspeed.config (and deepspeed.overrides)",
+    "use_cpu": "the launcher sets it when there is no GPU",
+    "local_rank": "the launcher sets it",
+}
+
+TRAINING_CHECKS = {
+    "per_device_train_batch_size": POSITIVE,
+    "per_device_eval_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE,
+    "learning_rate": POSITIVE,
+    "num_train_epochs": POSITIVE,
+    "max_steps": (lambda v: v == -1 or v > 0, "must be -1 (use epochs) or > 0"),
+    "max_length": POSITIVE,
+    "logging_steps": POSITIVE,
+    "save_steps": POSITIVE,
+    "eval_steps": POSITIVE,
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "max_grad_norm": (lambda v: v >= 0, "must be >= 0"),
+}
+
+
+def training_args(raw: Any, where: str) -> dict[str, Any]:
+    """Validate the `training` section against SFTConfig's field names and types."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        fail(where, "training", f"must be a mapping of SFTConfig arguments, got {_kind(raw)}")
+    known = sft_fields.fields()
+    out = {}
+    for key, value in raw.items():
+        path = f"training.{key}"
+        if key in LAUNCHER_OWNED:
+            fail(where, path, f"is set by the launcher: {LAUNCHER_OWNED[key]}")
+        if key not in known:
+            fail(where, path, "is not an SFTConfig argument" + did_you_mean(key, known))
+        out[key] = _training_value(known[key].kinds, value, where, path)
+        check = TRAINING_CHECKS.get(key)
+        if check and out[key] is not None and not check[0](out[key]):
+            fail(where, path, f"is {out[key]!r}; {check[1]}")
+    return out
+
+
+def _training_value(kinds: frozenset[str], value: Any, where: str, path: str) -> Any:
+    if value is None and "none" in kinds:
+        return None
+    for name, tp in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if name in kinds:
+            try:
+                return scalar(tp, value, where, path)
+            except RecipeError:
+                continue
+    if ("list" in kinds and isinstance(value, list)) or ("dict" in kinds and isinstance(value, dict)):
+        return value
+    fail(where, path, f"must be {' or '.join(sorted(kinds))}, got {_kind(value)} {value!r}")
+
+
+# --- messages ---------------------------------------------------------------------------------------------------
+
+
+def fail(where: str, path: str, message: str) -> typing.NoReturn:
+    raise RecipeError(f"{where}: {path or 'recipe'} {message}")
+
+
+def did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (valid: {', '.join(sorted(choices))})" if len(choices) <= 12 else ""
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "nothing"}.get(type(value), type(value).__name__)

@@ -1,0 +1,46 @@
+"""Shared helpers: the repo root, a CLI runner, and recipes derived from the smoke recipe."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "recipes" / "smoke.yaml"
+
+
+def cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m launcher ARGS` as a user would, capturing output."""
+    return subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def smoke_recipe(tmp_path: Path, name: str = "recipe.yaml", drop: tuple[str, ...] = (), **sections) -> Path:
+    """The smoke recipe with sections updated (dicts) or replaced, `drop` keys ("run.name") removed, written to
+    tmp_path with absolute paths."""
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["model"]["name_or_path"] = str(REPO / raw["model"]["name_or_path"])
+    raw["data"]["train"][0]["path"] = str(REPO / raw["data"]["train"][0]["path"])
+    raw["deepspeed"]["config"] = str(REPO / raw["deepspeed"]["config"])
+    raw["run"]["output_dir"] = str(tmp_path / "run")
+    for section, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(section), dict):
+            raw[section].update(value)
+        else:
+            raw[section] = value
+    for dotted in drop:
+        section, key = dotted.split(".")
+        del raw[section][key]
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def recipe_factory(tmp_path):
+    return lambda drop=(), **sections: smoke_recipe(tmp_path, drop=drop, **sections)

@@ -1,0 +1,100 @@
+"""Every rejection class: one line naming the file and key, exit code 2, no traceback, nothing started."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import REPO, cli
+
+
+def assert_rejected(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+CASES = {
+    "unknown section, did you mean": ({"modle": {"name_or_path": "x"}}, ["modle", "did you mean 'model'"]),
+    "unknown nested key": ({"lora": {"alpah": 8}}, ["lora.alpah", "did you mean 'alpha'"]),
+    "unknown SFTConfig key": ({"training": {"learning_rat": 1e-4}}, ["training.learning_rat", "learning_rate"]),
+    "wrong type": ({"training": {"per_device_train_batch_size": "eight"}},
+                   ["training.per_device_train_batch_size", "must be int"]),
+    "wrong type in section": ({"lora": {"dropout": "lots"}}, ["lora.dropout", "must be float"]),
+    "zero LoRA rank": ({"lora": {"r": 0}}, ["lora.r", "must be > 0"]),
+    "negative learning rate": ({"training": {"learning_rate": -1.0}}, ["training.learning_rate", "> 0"]),
+    "eval fraction out of range": ({"data": {"train": [{"path": str(REPO / "recipes/smoke/data/train.jsonl")}],
+                                             "eval_fraction": 1.5}}, ["data.eval_fraction", "[0, 1)"]),
+    "missing model dir": ({"model": {"name_or_path": "./no/such/model", "init": "random"}},
+                          ["model.name_or_path", "does not exist"]),
+    "missing dataset file": ({"data": {"train": [{"path": "missing.jsonl"}]}}, ["data.train.0.path", "missing.jsonl"]),
+    "missing ds config": ({"deepspeed": {"config": "ds_configs/zero9.json"}}, ["deepspeed.config", "zero9.json"]),
+    "unknown ZeRO stage": ({"deepspeed": {"config": str(REPO / "ds_configs/zero3.json"),
+                                          "overrides": {"zero_optimization": {"stage": 4}}}},
+                           ["zero_optimization.stage", "0, 1, 2 and 3"]),
+    "QLoRA with ZeRO-3": ({"lora": {"quantize": "4bit"}}, ["lora.quantize", "ZeRO-3"]),
+    "LoRA with ZeRO-3 that cannot save adapters": ({"lora": {"r": 8}},
+                                                   ["stage3_gather_16bit_weights_on_model_save"]),
+    "batch that cannot divide": ({"run": {"name": "x", "global_batch_size": 30}},
+                                 ["run.global_batch_size", "not divisible"]),
+    "accumulation contradicts global batch": ({"training": {"gradient_accumulation_steps": 3}},
+                                              ["gradient_accumulation_steps", "global_batch_size"]),
+    "launcher-owned key": ({"training": {"output_dir": "/tmp/x"}}, ["training.output_dir", "run.output_dir"]),
+    "missing required key": ({"drop": ("run.name",)}, ["run.name", "required"]),
+    "bf16 and fp16": ({"training": {"bf16": True, "fp16": True}}, ["training.bf16", "fp16"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+def test_bad_recipe_is_rejected_by_plan(recipe_factory, case):
+    sections, needles = CASES[case]
+    path = recipe_factory(**sections)
+    assert_rejected(cli("plan", path, "--nproc_per_node", 2), str(path) if "ZeRO stage" not in case else "", *needles)
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("run:\n  name: x\nmodel: [unclosed\n")
+    assert_rejected(cli("plan", path), str(path), "line", "YAML syntax error")
+
+
+def test_empty_recipe(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert_rejected(cli("plan", path), str(path), "empty")
+
+
+def test_ds_config_that_is_not_json(recipe_factory, tmp_path):
+    bad = tmp_path / "zero.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,}}')
+    assert_rejected(cli("plan", recipe_factory(deepspeed={"config": str(bad)})), str(bad), "not valid JSON", "line 1")
+
+
+def test_override_typo_names_the_command_line(recipe_factory):
+    result = cli("plan", recipe_factory(), "--training.learnin_rate=1e-4")
+    assert_rejected(result, "--training.learnin_rate", "learning_rate")
+
+
+def test_unknown_flag(recipe_factory):
+    assert_rejected(cli("plan", recipe_factory(), "--nproc-per-nod", 2), "unknown option")
+
+
+def test_bad_topology_flag(recipe_factory):
+    assert_rejected(cli("plan", recipe_factory(), "--nproc_per_node", 0), "--nproc_per_node", ">= 1")
+    assert_rejected(cli("plan", recipe_factory(), "--nnodes", 2, "--node_rank", 2), "--node_rank")
+
+
+def test_rejected_launch_starts_nothing_and_writes_nothing(recipe_factory, tmp_path):
+    path = recipe_factory(training={"learning_rat": 1.0})
+    assert_rejected(cli("launch", path, "--nproc_per_node", 2), "learning_rat")
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_refuses_a_run_directory_holding_checkpoints(recipe_factory, tmp_path):
+    (tmp_path / "run" / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (tmp_path / "run" / "recipe.yaml").write_text("earlier run\n")
+    assert_rejected(cli("launch", recipe_factory(), "--nproc_per_node", 2), "already holds checkpoints")
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == "earlier run\n"
