@@ -50,11 +50,11 @@ def count_params(config: dict) -> ParamCount:
     return ParamCount(total, max(embeddings, *modules.values()))
 
 
-def linear_module_names(config: dict) -> set[str]:
-    """Leaf names of the nn.Linear modules, for checking LoRA targets before any model is built."""
+def lora_targets(config: dict) -> set[str]:
+    """Leaf names of the modules peft can adapt (linear layers, embeddings), checked before any model is built."""
     if config.get("model_type") not in DECODERS:
         raise UnknownArchitecture(f"no module list for model_type {config.get('model_type')!r}")
-    return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+    return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"}
 
 
 def count_params_meta(config_path: str) -> ParamCount:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from launcher.errors import RecipeError
 from launcher.schema import Recipe
 
+
 def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 

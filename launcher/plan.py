@@ -9,6 +9,7 @@ from typing import Any
 from launcher import ds_config, memory
 from launcher import recipe as recipes
 from launcher.ds_config import Batch
+from launcher.errors import RecipeError
 from launcher.schema import Recipe
 from launcher.topology import Topology, deepspeed_command, generated_hostfile, shell_line, thread_env
 
@@ -46,11 +47,26 @@ def make(recipe_path: str, overrides: dict[str, Any], topology: Topology) -> Pla
     where = recipe_path
     config = recipes.model_config(recipe, where)
     ds, batch = ds_config.resolve(recipe, topology.world, config, where)
+    check_lora_targets(recipe, config, where)
     run_dir = Path(recipe.run.output_dir)
     hostfile = str(run_dir / "hostfile") if topology.nnodes > 1 and not topology.hostfile else None
     command = deepspeed_command(topology, [str(run_dir / "recipe.yaml")], hostfile)
     params, estimate = memory_line(recipe, config, ds, topology)
     return Plan(recipe_path, recipe, topology, ds, batch, thread_env(topology), command, estimate, params)
+
+
+def check_lora_targets(recipe: Recipe, config: dict | None, where: str) -> None:
+    """Catch LoRA targets that match nothing now, for known architectures; the worker checks the others."""
+    if not recipe.lora or isinstance(recipe.lora.target_modules, str) or config is None:
+        return
+    try:
+        known = memory.lora_targets(config)
+    except memory.UnknownArchitecture:
+        return
+    for target in recipe.lora.target_modules:
+        if target.rsplit(".", 1)[-1] not in known:
+            raise RecipeError(f"{where}: lora.target_modules '{target}' matches no module of this "
+                              f"{config.get('model_type')} model; it has {', '.join(sorted(known))}")
 
 
 def memory_line(recipe: Recipe, config: dict | None, ds: dict, topology: Topology) -> tuple[int | None, str]:

@@ -118,3 +118,18 @@ def test_two_nodes_on_one_machine(tmp_path):
     assert_every_rank_wrote_shards(run_dir, 2)
     planned = cli("plan", *common, "--node_rank", 0, "--format", "json")
     assert_ranks_used_planned_config(run_dir, json.loads(planned.stdout), 2)
+
+
+def test_deepspeed_called_directly(tmp_path):
+    """A user who prefers DeepSpeed's own command gets the same worker, recipe and overrides included."""
+    recipe = smoke_recipe(tmp_path)
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               "--module", "launcher.train", str(recipe), "--training.max_steps=6", "--training.save_steps=6",
+               "--training.eval_strategy=no"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert_every_rank_wrote_shards(run_dir, 2)
+    assert "max_steps: 6" in (run_dir / "recipe.yaml").read_text()
+    assert (run_dir / "checkpoints" / "checkpoint-6").is_dir()

@@ -83,3 +83,16 @@ def test_more_devices_need_less_memory_each():
     one, _ = memory.model_states_bytes(params, 3, 1, 1, False, False)
     eight, _ = memory.model_states_bytes(params, 3, 1, 8, False, False)
     assert eight < one / 4
+
+
+@pytest.mark.parametrize("case", SMALL, ids=list(SMALL))
+def test_lora_targets_are_the_models_modules(tmp_path, case):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = small_config(tmp_path, *SMALL[case])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    adaptable = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    assert memory.lora_targets(json.loads((tmp_path / "config.json").read_text())) == adaptable
