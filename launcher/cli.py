@@ -54,6 +54,9 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     print(f"run directory {resolved.run_dir}\n{resolved.batch}\n{topo}", flush=True)
     print(topology.shell_line(resolved.env, resolved.command), flush=True)
     result = subprocess.run(resolved.command, env={**os.environ, **resolved.env})
+    final = resolved.run_dir / "final"
+    if result.returncode == 0 and topo.node_rank == 0:
+        print(f"finished: {final if final.is_dir() else resolved.run_dir}", flush=True)
     sys.exit(result.returncode)
 
 
@@ -65,7 +68,17 @@ def train(recipe: str, **overrides) -> None:
     worker.run(recipe, _split(overrides))
 
 
-COMMANDS = {"plan": plan, "launch": launch, "train": train}
+@exits_cleanly
+def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shard_size: str = "5GB",
+                base_model: str | None = None, overwrite: bool = False) -> None:
+    """Merge a ZeRO checkpoint (checkpoint-N/, a DeepSpeed dir, or a run directory's newest) and any LoRA adapter
+    into one Hugging Face model directory: safetensors shards, config, generation config, tokenizer, model card."""
+    from launcher import consolidate as consolidation
+
+    consolidation.consolidate(str(checkpoint), str(output), dtype, str(max_shard_size), base_model, bool(overwrite))
+
+
+COMMANDS = {"plan": plan, "launch": launch, "train": train, "consolidate": consolidate}
 
 
 def main() -> None:

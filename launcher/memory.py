@@ -2,59 +2,120 @@
 
 The parameter count is computed from the architecture's numbers, without torch, so `plan` stays instant; the
 bytes use the same formulas as DeepSpeed's `estimate_zero2_model_states_mem_needs` and
-`estimate_zero3_model_states_mem_needs` (a test checks both against the real model and DeepSpeed's functions).
+`estimate_zero3_model_states_mem_needs` (tests check both against a meta-device model and DeepSpeed's functions).
+Only the standard library may be imported at module level: importing torch alone takes seconds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-DECODERS = {"llama", "mistral", "qwen2", "qwen3"}
-QKV_BIAS = {"qwen2"}  # q/k/v projections always carry a bias in these families
-QK_NORM = {"qwen3"}
-DEFAULT_HEAD_DIM = {"qwen3": 128}  # when config.json leaves it out, the config class' default
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 class UnknownArchitecture(ValueError):
-    """No exact formula for this model_type: fall back to counting a meta-device model."""
+    """No exact formula for this config: fall back to counting a meta-device model."""
 
 
 @dataclass(frozen=True)
 class ParamCount:
-    total: int
+    """Parameters of a model, as DeepSpeed's `model_to_params` counts them."""
+
+    total: int  # shared (tied) parameters once
     largest_layer: int  # most parameters held directly by one module: what ZeRO-3 gathers at once
 
 
-def count_params(config: dict) -> ParamCount:
-    """Exact parameter count of a decoder-only transformer from its HF config."""
+@dataclass(frozen=True)
+class Family:
+    """How one decoder-only architecture lays out its parameters; None reads the config key of the same name."""
+
+    qkv_bias: bool | None = None  # None: config["attention_bias"]
+    o_bias: bool | None = None
+    mlp_bias: bool | None = False  # None: config["mlp_bias"]
+    qk_norm: bool = False  # an RMSNorm over head_dim on queries and keys
+    norms_per_layer: int = 2
+    fused: bool = False  # one qkv_proj and one gate_up_proj, as in phi3
+    tied: bool = False  # the config class' tie_word_embeddings default
+    kv_heads: int | None = None  # the config class' num_key_value_heads default; None: num_attention_heads
+    head_dim: int | None = None  # the config class' head_dim default; None: hidden_size // num_attention_heads
+
+
+# Defaults mirror the transformers config classes so a config.json that leaves a key out counts as it would load.
+FAMILIES = {
+    "llama": Family(mlp_bias=None),
+    "mistral": Family(qkv_bias=False, o_bias=False, kv_heads=8),
+    "qwen2": Family(qkv_bias=True, o_bias=False, kv_heads=32),
+    "qwen3": Family(qk_norm=True, kv_heads=32, head_dim=128),
+    "gemma": Family(tied=True, kv_heads=16, head_dim=256),
+    "gemma2": Family(norms_per_layer=4, tied=True, kv_heads=4, head_dim=256),
+    "gemma3_text": Family(qk_norm=True, norms_per_layer=4, tied=True, kv_heads=4, head_dim=256),
+    "phi3": Family(qkv_bias=False, o_bias=False, fused=True),
+}
+
+
+def family(config: dict) -> Family:
+    """The layout of config's model_type, or UnknownArchitecture."""
     kind = config.get("model_type")
-    if kind not in DECODERS:
-        raise UnknownArchitecture(f"no parameter formula for model_type {kind!r}")
-    hidden, vocab, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config.get("head_dim") or DEFAULT_HEAD_DIM.get(kind) or hidden // heads
-    attn_bias = bool(config.get("attention_bias", False))
-    qkv_bias, mlp_bias = attn_bias or kind in QKV_BIAS, bool(config.get("mlp_bias", False))
-    modules = {
-        "q_proj": hidden * heads * head_dim + qkv_bias * heads * head_dim,
-        "kv_proj": hidden * kv_heads * head_dim + qkv_bias * kv_heads * head_dim,
-        "o_proj": heads * head_dim * hidden + attn_bias * hidden,
-        "mlp_in": hidden * inter + mlp_bias * inter,
-        "mlp_out": inter * hidden + mlp_bias * hidden,
-    }
-    per_layer = (modules["q_proj"] + 2 * modules["kv_proj"] + modules["o_proj"] + 2 * modules["mlp_in"]
-                 + modules["mlp_out"] + 2 * hidden + (2 * head_dim if kind in QK_NORM else 0))
-    embeddings = vocab * hidden
-    tied = bool(config.get("tie_word_embeddings", False))
-    total = embeddings * (1 if tied else 2) + config["num_hidden_layers"] * per_layer + hidden
-    return ParamCount(total, max(embeddings, *modules.values()))
+    if kind not in FAMILIES:
+        raise UnknownArchitecture(f"no exact parameter formula for model_type {kind!r} (known: "
+                                  f"{', '.join(sorted(FAMILIES))}); count it on the meta device instead")
+    return FAMILIES[kind]
+
+
+def _flag(fixed: bool | None, config: dict, key: str) -> bool:
+    """A bias switch: fixed by the architecture, or read from the config."""
+    return bool(config.get(key, False)) if fixed is None else fixed
+
+
+def _linear(fan_in: int, fan_out: int, bias: bool) -> int:
+    """Parameters of one nn.Linear."""
+    return fan_in * fan_out + (fan_out if bias else 0)
+
+
+def _layer_modules(config: dict, fam: Family) -> list[int]:
+    """Parameters held directly by each module of one decoder layer."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    # a key left out takes the class default; an explicit null is derived from the head count, as on loading
+    kv_heads = config.get("num_key_value_heads", fam.kv_heads) or heads
+    head_dim = config.get("head_dim", fam.head_dim) or hidden // heads
+    qkv_bias, o_bias = _flag(fam.qkv_bias, config, "attention_bias"), _flag(fam.o_bias, config, "attention_bias")
+    mlp_bias = _flag(fam.mlp_bias, config, "mlp_bias")
+    q, kv = heads * head_dim, kv_heads * head_dim
+    if fam.fused:
+        projections = [_linear(hidden, q + 2 * kv, qkv_bias), _linear(hidden, 2 * inter, mlp_bias)]
+    else:
+        projections = [_linear(hidden, q, qkv_bias), *[_linear(hidden, kv, qkv_bias)] * 2,
+                       *[_linear(hidden, inter, mlp_bias)] * 2]
+    projections += [_linear(q, hidden, o_bias), _linear(inter, hidden, mlp_bias)]
+    norms = [hidden] * fam.norms_per_layer + ([head_dim] * 2 if fam.qk_norm else [])
+    return projections + norms
+
+
+def count_params(config: dict) -> ParamCount:
+    """Exact parameter count of a known decoder-only transformer from its HF config dict."""
+    fam = family(config)
+    missing = [key for key in SIZE_KEYS if key not in config]
+    if missing:
+        raise UnknownArchitecture(f"config.json lacks {', '.join(missing)}; count it on the meta device instead")
+    layer = _layer_modules(config, fam)
+    embeddings, hidden = config["vocab_size"] * config["hidden_size"], config["hidden_size"]
+    tied = bool(config.get("tie_word_embeddings", fam.tied))
+    total = embeddings * (1 if tied else 2) + config["num_hidden_layers"] * sum(layer) + hidden  # + final norm
+    # a tied lm_head still lists the shared weight among its own parameters, so it is as large as the embedding
+    return ParamCount(total, max(embeddings, hidden, *layer))
+
+
+def linear_module_names(config: dict) -> set[str]:
+    """Leaf names of the nn.Linear modules of a known architecture, for checking LoRA targets without a model."""
+    if family(config).fused:
+        return {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
 
 
 def lora_targets(config: dict) -> set[str]:
-    """Leaf names of the modules peft can adapt (linear layers, embeddings), checked before any model is built."""
-    if config.get("model_type") not in DECODERS:
-        raise UnknownArchitecture(f"no module list for model_type {config.get('model_type')!r}")
-    return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head", "embed_tokens"}
+    """Leaf names of the modules peft can adapt: the linear layers and the token embedding."""
+    return linear_module_names(config) | {"embed_tokens"}
 
 
 def count_params_meta(config_path: str) -> ParamCount:
@@ -62,43 +123,64 @@ def count_params_meta(config_path: str) -> ParamCount:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(config_path)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())  # parameters() lists a tied weight once
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_path))
+    # parameters() yields a tied weight once; DeepSpeed dedupes by data_ptr, which is 0 for every meta tensor
+    total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return ParamCount(total, largest)
 
 
 def model_states_bytes(params: ParamCount, stage: int, nodes: int, gpus_per_node: int, offload_optimizer: bool,
                        offload_params: bool, buffer_factor: float = 1.5) -> tuple[int, int]:
-    """(bytes per device, CPU bytes per node) for params, grads and Adam states, as DeepSpeed estimates them."""
-    p, gpus = params.total, nodes * gpus_per_node
+    """(accelerator bytes per device, CPU bytes per node) for params, grads and Adam states, as DeepSpeed estimates."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError(f"need at least one node and one device per node, got {nodes} x {gpus_per_node}")
+    if stage == 0:
+        return _ddp(params.total, gpus_per_node, buffer_factor)
+    if stage in (1, 2):  # DeepSpeed has no parameter offload below stage 3: offload_param is ignored there
+        return _zero2(params.total, nodes, gpus_per_node, offload_optimizer, buffer_factor)
     if stage == 3:
-        return _zero3(p, params.largest_layer, nodes, gpus, gpus_per_node, offload_optimizer, offload_params,
-                      buffer_factor)
-    if stage == 0:  # nothing sharded: every device holds what ZeRO-2 would spread over all of them
-        gpus = 1
+        return _zero3(params, nodes, gpus_per_node, offload_optimizer, offload_params, buffer_factor)
+    raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
+
+
+def _ddp(total: int, per_node: int, buffer_factor: float) -> tuple[int, int]:
+    """Plain data parallel: nothing sharded, offload unavailable."""
+    # 2 bf16/fp16 weights + 2 grads + 4 fp32 master weights + 8 Adam moments; every rank loads the fp32 model on CPU
+    return 16 * total, int(total * 4 * per_node * buffer_factor)
+
+
+def _zero2(total: int, nodes: int, per_node: int, offload_optimizer: bool, buffer_factor: float) -> tuple[int, int]:
+    """DeepSpeed's ZeRO-1/2 estimate (its estimator does not tell stage 1 from stage 2)."""
+    devices = nodes * per_node
     if offload_optimizer:
-        return 2 * p, int(p * max(4 * gpus, 16) * buffer_factor)
-    # 2 bytes fp16/bf16 params + 18 bytes of grads, fp32 master weights and Adam moments, sharded over the devices
-    return 2 * p + int(18 * p / gpus), int(p * 4 * gpus_per_node * buffer_factor)
+        return 2 * total, int(total * max(4 * devices, 16) * buffer_factor)
+    # 18 sharded bytes: 2 fp16 grads + 4 fp32 grads + 4 fp32 master weights + 8 Adam moments
+    return 2 * total + int(18 * total / devices), int(total * 4 * per_node * buffer_factor)
 
 
-def _zero3(p: int, largest: int, nodes: int, gpus: int, per_node: int, offload_optimizer: bool,
-           offload_params: bool, buffer_factor: float) -> tuple[int, int]:
-    layer = 4 * largest  # a gathered layer, in fp32
+def _zero3(params: ParamCount, nodes: int, per_node: int, offload_optimizer: bool, offload_params: bool,
+           buffer_factor: float) -> tuple[int, int]:
+    """DeepSpeed's ZeRO-3 estimate with zero.Init (parameters partitioned as they are created)."""
+    total, devices = params.total, nodes * per_node
+    layer = 4 * params.largest_layer
+    per_node_share = 1 / nodes  # multiplied, not divided, in the same order as DeepSpeed so int() truncates alike
     if offload_optimizer and offload_params:
-        return layer, int(p * 18 / nodes * buffer_factor)
+        return layer, int(total * 18 * per_node_share * buffer_factor)
     if offload_optimizer:
-        return layer + int(2 * p / gpus), int(p * 16 / nodes * buffer_factor)
-    return layer + int(18 * p / gpus), int(largest * 4 * per_node * buffer_factor)
+        return layer + int(2 * total / devices), int(total * 16 * per_node_share * buffer_factor)
+    # DeepSpeed's estimator has no case for parameters offloaded alone; they count as on the device
+    return layer + int(18 * total / devices), int(params.largest_layer * 4 * per_node * buffer_factor)
 
 
 def format_bytes(n: int) -> str:
+    """Human-readable binary size: '512 B', '15.2 GiB'."""
+    if n < 1024:
+        return f"{n} B"
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         value /= 1024
-    raise AssertionError("unreachable")
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"

@@ -84,6 +84,12 @@ def check_combinations(recipe: Recipe, where: str) -> None:
         schema.fail(where, "training.bf16", "and training.fp16 are both true; pick one")
     if not recipe.data.train:
         schema.fail(where, "data.train", "needs at least one dataset")
+    if recipe.lora and recipe.model.init == "random":
+        schema.fail(where, "model.init", "is random, but LoRA adapts a pretrained model: a random base could not be "
+                    "merged with the adapter later; use init: pretrained")
+    if recipe.training.get("eval_strategy", "no") != "no" and not recipe.data.eval and not recipe.data.eval_fraction:
+        schema.fail(where, "training.eval_strategy", "asks for evaluation but there is no data.eval and "
+                    "data.eval_fraction is 0")
 
 
 def resolve_paths(recipe: Recipe, where: str) -> Recipe:

@@ -37,6 +37,8 @@ class RunSection:
     global_batch_size: int | None = doc(
         "Fix the global batch; gradient accumulation is then derived per world size.", POSITIVE, default=None
     )
+    consolidate: bool = doc("When training ends, merge the last checkpoint into <run dir>/final (a HF model).",
+                            default=True)
 
 
 @dataclass

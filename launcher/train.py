@@ -72,21 +72,30 @@ def _train(recipe_path: str, overrides: dict, rank: int, world: int) -> None:
     trainer.train()
     rundir.record_rank(run_dir, rank, world, trainer.model_wrapped.config)
 
-    # --- save the loss history next to the checkpoints
+    # --- save the loss history next to the checkpoints; rank 0 merges the shards once every rank has saved
     trainer.save_state()
+    torch.distributed.barrier()
     if rank == 0:
         print(summary(trainer, run_dir), flush=True)
+        if recipe.run.consolidate:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            from launcher.consolidate import consolidate
+
+            unset_hf_deepspeed_config()  # else building the model to merge into would start a ZeRO-3 partition
+            consolidate(str(last_checkpoint(run_dir)), str(run_dir / "final"), overwrite=True)
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return max(rundir.checkpoints_dir(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def summary(trainer, run_dir: Path) -> str:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    last = sorted(rundir.checkpoints_dir(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     lines = [f"done: {trainer.state.global_step} steps"]
     if losses:
         lines[0] += f", training loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-    lines.append(f"run directory: {run_dir}")
-    if last:
-        lines.append(f"checkpoint:    {last[-1]} (ZeRO shards of every rank)")
+    lines += [f"run directory: {run_dir}", f"checkpoint:    {last_checkpoint(run_dir)} (ZeRO shards of every rank)"]
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Build the smoke recipe's shipped assets: arithmetic chats, a byte-level BPE tokenizer with a chat template,
-and the config of a ~1 M-parameter Llama. Deterministic; the outputs are committed, so nothing here runs at
-training time. Regenerate with: python recipes/smoke/make_assets.py [OUT_DIR]
+and a ~1 M-parameter Llama with seeded random weights (4 MB: the "pretrained" base that LoRA runs adapt and
+consolidation merges into). Deterministic; the outputs are committed, so nothing here runs at training time.
+Regenerate with: python recipes/smoke/make_assets.py [OUT_DIR]
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import random
 import sys
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROWS = 4000
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -66,8 +68,10 @@ def main(out: Path) -> None:
     tok = tokenizer(rows)
     tok.save_pretrained(out / "model")
     config, generation = model_config(tok)
-    config.save_pretrained(out / "model")
-    generation.save_pretrained(out / "model")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = generation
+    model.save_pretrained(out / "model")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,26 @@ def test_smoke_recipe_zero3_full_finetune_learns(tmp_path):
     assert_ranks_used_planned_config(run_dir, plan, 2)
     assert plan["deepspeed"]["zero_optimization"]["stage"] == 3
     assert f"run directory: {run_dir}" in result.stdout
+    assert_final_model_serves(run_dir / "final")
+    assert result.stdout.strip().splitlines()[-1] == f"finished: {run_dir / 'final'}"
+
+
+def assert_final_model_serves(final: Path) -> None:
+    """The consolidated model loads completely and answers a chat prompt, stopping at the end-of-turn token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert json.loads((final / "config.json").read_text())["dtype"] == "float32"
+    assert not list(final.glob("*.bin")) and (final / "model.safetensors.index.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|eos|>")
+    assert end_of_turn in [GenerationConfig.from_pretrained(final).eos_token_id]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 plus 30?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    output = model.generate(**prompt, max_new_tokens=8, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    assert end_of_turn in output.tolist() and tokenizer.decode(output, skip_special_tokens=True).strip().isdigit()
+    assert "final loss" in (final / "README.md").read_text()
 
 
 def test_zero2_full_finetune(tmp_path):

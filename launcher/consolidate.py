@@ -1,0 +1,261 @@
+"""`consolidate`: a sharded ZeRO checkpoint (full or LoRA) becomes one ready-to-serve Hugging Face model directory.
+
+Full fine-tunes stream: one tensor is read from the memory-mapped rank files, cast, and added to the current output
+shard, which is written as soon as it is full. LoRA runs merge the adapter into the base weights with peft (the
+model is held in memory once) and keep the adapter beside the merged model. Everything is checked before anything is
+written, and written into a temporary directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from launcher import model_card
+from launcher.errors import RecipeError
+from launcher.zero_checkpoint import ZeroCheckpoint, find_step_dir
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shard_size: str = "5GB",
+                base_model: str | None = None, overwrite: bool = False, progress=print) -> Path:
+    """Build OUTPUT from CHECKPOINT (an HF checkpoint-N, a bare DeepSpeed dir, or a run directory)."""
+    source = resolve_checkpoint(Path(checkpoint))
+    out = Path(output).absolute()
+    if out.exists() and not overwrite:
+        raise RecipeError(f"{out}: already exists; pass --overwrite to replace it")
+    shard_bytes = parse_size(max_shard_size)
+    config_dir = base_reference(source, base_model)
+    torch_dtype = output_dtype(dtype, read_config(config_dir, source))
+    zero = ZeroCheckpoint(find_step_dir(source))
+    lora = (source / "adapter_config.json").is_file()
+    progress(f"consolidating {source} (ZeRO-{zero.stage}, {zero.world} ranks, {len(zero.entries)} tensors"
+             f"{', LoRA' if lora else ''}) -> {out} [{torch_dtype}]")
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        if lora:
+            _merge_lora(zero, source, config_dir, tmp, torch_dtype, shard_bytes)
+        else:
+            _check_names(zero, config_dir, source)
+            write_shards(((e.name, zero.tensor(e)) for e in _unique(zero)), tmp, torch_dtype, shard_bytes,
+                         release=zero.release, progress=progress, total=len(zero.entries))
+        _write_metadata(source, config_dir, tmp, torch_dtype, progress)
+        model_card.write(tmp, source, zero.global_steps)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    progress(f"consolidated model: {out}")
+    return out
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint dir as given, or the newest complete checkpoint of a run directory."""
+    if not path.exists():
+        raise RecipeError(f"{path}: does not exist")
+    if (path / "latest").is_file():
+        return path
+    candidates = sorted(path.glob("checkpoints/checkpoint-*")) + sorted(path.glob("checkpoint-*"))
+    complete = [c for c in candidates if (c / "latest").is_file()]
+    if not complete:
+        raise RecipeError(f"{path}: holds no DeepSpeed checkpoint (no 'latest' file here or in checkpoint-*/)")
+    return max(complete, key=lambda c: int(c.name.rsplit("-", 1)[-1]))
+
+
+def parse_size(text: str) -> int:
+    cleaned = str(text).strip().upper().replace(" ", "")
+    for unit in sorted(UNITS, key=len, reverse=True):
+        if cleaned.endswith(unit) and cleaned[: -len(unit)].replace(".", "", 1).isdigit():
+            return int(float(cleaned[: -len(unit)]) * UNITS[unit])
+    raise RecipeError(f"command line: --max_shard_size {text!r} is not a size like 5GB or 500MB")
+
+
+def base_reference(source: Path, base_model: str | None) -> str:
+    """Where the architecture (and tokenizer) come from: --base_model, the checkpoint, or the run's recipe."""
+    if base_model:
+        return base_model
+    if (source / "config.json").is_file():
+        return str(source)
+    model = model_card.recipe_of(source).get("model", {})
+    if model.get("config"):
+        return str(Path(model["config"]).parent)
+    if model.get("name_or_path"):
+        return model["name_or_path"]
+    raise RecipeError(f"{source}: no config.json beside the checkpoint and no run recipe naming the model; pass "
+                      "--base_model with the model's directory or hub id")
+
+
+def read_config(ref: str, source: Path) -> dict:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref).to_dict()
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"{source}: cannot read the model config from {ref} ({str(err).splitlines()[0]})") from None
+
+
+def output_dtype(dtype: str | None, config: dict) -> str:
+    if dtype is None:
+        return config.get("dtype") or config.get("torch_dtype") or "float32"
+    if dtype not in DTYPES:
+        raise RecipeError(f"command line: --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _unique(zero: ZeroCheckpoint):
+    """Entries minus aliases of tied weights: transformers re-ties them when it loads the model."""
+    return [e for e in zero.entries if e.name not in zero.shared]
+
+
+def _check_names(zero: ZeroCheckpoint, config_dir: str, source: Path) -> None:
+    """Every tensor the model expects is there with its shape, and nothing else."""
+    expected = meta_shapes(config_dir)
+    saved = {e.name: e.shape for e in _unique(zero)}
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    wrong = sorted(n for n in set(saved) & set(expected) if tuple(saved[n]) != tuple(expected[n]))
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            raise RecipeError(f"{source}: {len(names)} tensors {label} for this model's config.json, e.g. "
+                              f"{', '.join(names[:3])}; is --base_model the model that was trained?")
+
+
+def meta_shapes(config_dir: str) -> dict[str, tuple[int, ...]]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if n not in tied}
+
+
+def write_shards(tensors, out: Path, dtype: str, shard_bytes: int, release=None, progress=print, total=None) -> None:
+    """Stream (name, tensor) pairs into safetensors shards of at most shard_bytes, plus the index."""
+    import torch
+    from safetensors.torch import save_file
+
+    target = getattr(torch, dtype)
+    shard, size, files, weight_map, total_bytes, count = {}, 0, [], {}, 0, 0
+
+    def flush():
+        nonlocal shard, size
+        name = f"shard-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update(dict.fromkeys(shard, name))
+        shard, size = {}, 0
+        if release:
+            release()  # unmap the rank files: pages read for this shard leave resident memory
+        progress(f"  wrote shard {len(files)} ({count}/{total or '?'} tensors)")
+
+    for name, tensor in tensors:
+        tensor = tensor.to(target).contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > shard_bytes:
+            flush()
+        shard[name], size, total_bytes, count = tensor, size + nbytes, total_bytes + nbytes, count + 1
+    if shard:
+        flush()
+    _name_shards(out, files, weight_map, total_bytes)
+
+
+def _name_shards(out: Path, files: list[str], weight_map: dict, total_bytes: int) -> None:
+    """Rename to transformers' model-0000i-of-0000N names, now that N is known, and write the index."""
+    final = {f: f"model-{i:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files, 1)}
+    for old, new in final.items():
+        os.replace(out / old, out / new)
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dtype: str, shard_bytes: int):
+    """Base weights + the adapter from the shards -> peft merges them; the adapter is kept in out/adapter.
+
+    The HF trainer leaves frozen base weights out of LoRA checkpoints, so the base is loaded from base_ref."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    trained = {e.name: zero.tensor(e) for e in _unique(zero)}
+    zero.release()
+    empty = [n for n, t in trained.items() if "lora_" in n and (t.numel() == 0 or not torch.isfinite(t).all())]
+    if empty or not any("lora_" in n for n in trained):
+        raise RecipeError(f"{source}: the adapter's tensors are missing, empty or not finite {empty[:3]}")
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"{source}: cannot load the LoRA base model {base_ref} ({str(err).splitlines()[0]}); "
+                          "pass --base_model") from None
+    model = get_peft_model(base, LoraConfig.from_pretrained(str(source)))
+    expected = {n for n in model.state_dict() if "lora_" in n or "modules_to_save" in n}
+    result = model.load_state_dict(trained, strict=False)
+    if result.unexpected_keys or expected - set(trained):
+        raise RecipeError(f"{source}: the shards do not match this base with this adapter (unexpected "
+                          f"{result.unexpected_keys[:3]}, missing {sorted(expected - set(trained))[:3]})")
+    model.save_pretrained(out / "adapter", safe_serialization=True)
+    merged = model.merge_and_unload()
+    tied = set(getattr(merged, "all_tied_weights_keys", {}) or {})
+    write_shards(((n, p.detach()) for n, p in merged.state_dict().items() if n not in tied), out, dtype,
+                 shard_bytes, progress=lambda _: None)
+
+
+def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progress=print) -> None:
+    """config.json with the dtype written, generation_config.json whose EOS is the chat's end of turn, tokenizer."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(config_dir)
+    config.dtype = dtype
+    config.save_pretrained(out)
+    try:
+        generation = GenerationConfig.from_pretrained(config_dir)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    tokenizer = _tokenizer(source, config_dir)
+    if tokenizer is None:
+        progress("  no tokenizer beside the checkpoint or in the base model: the model is written without one")
+    else:
+        tokenizer.save_pretrained(out)
+        end_of_turn = end_of_turn_id(tokenizer)
+        eos = generation.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if end_of_turn is not None and end_of_turn not in eos:
+            generation.eos_token_id = eos + [end_of_turn]
+        if generation.pad_token_id is None:
+            generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(out)
+
+
+def _tokenizer(source: Path, base: str):
+    from transformers import AutoTokenizer
+
+    for ref in (source, base):
+        if Path(ref).is_dir() and not (Path(ref) / "tokenizer_config.json").is_file():
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(ref)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with: what generation must stop at."""
+    if not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "MARKER"}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    marker = tokenizer.encode("MARKER", add_special_tokens=False)
+    for i in range(len(ids) - len(marker), -1, -1):
+        if ids[i : i + len(marker)] == marker:
+            after = ids[i + len(marker) :]
+            return next((t for t in after if t in tokenizer.all_special_ids), None)
+    return tokenizer.eos_token_id

@@ -1,0 +1,45 @@
+"""The README.md model card of a consolidated model: what it was trained from, on what, for how long, how well."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+
+def write(out: Path, checkpoint: Path, steps: int | None) -> None:
+    recipe = recipe_of(checkpoint)
+    state = _trainer_state(checkpoint)
+    model = recipe.get("model", {}).get("name_or_path", "unknown")
+    data = [d.get("path") for d in recipe.get("data", {}).get("train", [])]
+    lines = [
+        f"# {recipe.get('run', {}).get('name', out.name)}",
+        "",
+        f"Fine-tuned from `{model}` with supervised fine-tuning (TRL SFTTrainer, DeepSpeed ZeRO)"
+        + (", LoRA merged into the base weights (the adapter is in `adapter/`)." if recipe.get("lora") else "."),
+        "",
+        f"- data: {', '.join(f'`{d}`' for d in data) or 'unknown'}",
+        f"- steps: {steps if steps is not None else state.get('global_step', 'unknown')}",
+        f"- checkpoint: `{checkpoint}`",
+    ]
+    for key in ("loss", "eval_loss"):
+        value = next((e[key] for e in reversed(state.get("log_history", [])) if key in e), None)
+        if value is not None:
+            lines.append(f"- final {key.replace('_', ' ')}: {value:.4f}")
+    if recipe:
+        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```"]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def recipe_of(checkpoint: Path) -> dict:
+    """The resolved recipe of the run a checkpoint belongs to (run_dir/checkpoints/checkpoint-N), if any."""
+    for candidate in (checkpoint.parent.parent / "recipe.yaml", checkpoint / "recipe.yaml"):
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text()) or {}
+    return {}
+
+
+def _trainer_state(checkpoint: Path) -> dict:
+    path = checkpoint / "trainer_state.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
