@@ -3,7 +3,7 @@ VENV  ?= .venv
 TORCH ?= torch==2.13.0
 PY    := $(VENV)/bin/python
 
-.PHONY: setup smoke test test-unit lint
+.PHONY: setup smoke test test-unit lint bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,3 +26,6 @@ test-unit: setup
 
 lint: setup
 	$(VENV)/bin/ruff check launcher tests
+
+bench: setup
+	$(PY) bench/consolidate.py

@@ -1,9 +1,10 @@
 """`consolidate`: a sharded ZeRO checkpoint (full or LoRA) becomes one ready-to-serve Hugging Face model directory.
 
-Full fine-tunes stream: one tensor is read from the memory-mapped rank files, cast, and added to the current output
-shard, which is written as soon as it is full. LoRA runs merge the adapter into the base weights with peft (the
-model is held in memory once) and keep the adapter beside the merged model. Everything is checked before anything is
-written, and written into a temporary directory renamed into place at the end.
+Full fine-tunes stream: one tensor at a time is read from the memory-mapped rank files, cast, and written straight
+into its output shard (launcher/safetensors_stream.py), so memory holds about one tensor, not a model or a shard.
+LoRA runs merge the adapter into the base weights with peft (the model is held in memory once) and keep the adapter
+beside the merged model. Everything is checked before anything is written, and written into a temporary directory
+renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from launcher import model_card
 from launcher.errors import RecipeError
+from launcher.safetensors_stream import write_model
 from launcher.zero_checkpoint import ZeroCheckpoint, find_step_dir
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -40,11 +43,9 @@ def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shar
     try:
         if lora:
             _merge_lora(zero, source, config_dir, tmp, torch_dtype, shard_bytes)
+            _write_metadata(source, config_dir, tmp, torch_dtype, progress)
         else:
-            _check_names(zero, config_dir, source)
-            write_shards(((e.name, zero.tensor(e)) for e in _unique(zero)), tmp, torch_dtype, shard_bytes,
-                         release=zero.release, progress=progress, total=len(zero.entries))
-        _write_metadata(source, config_dir, tmp, torch_dtype, progress)
+            _stream_full(zero, source, config_dir, tmp, torch_dtype, shard_bytes, progress)
         model_card.write(tmp, source, zero.global_steps)
         if out.exists():
             shutil.rmtree(out)
@@ -53,6 +54,29 @@ def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shar
         shutil.rmtree(tmp, ignore_errors=True)
     progress(f"consolidated model: {out}")
     return out
+
+
+def _stream_full(zero: ZeroCheckpoint, source: Path, config_dir: str, tmp: Path, dtype: str, shard_bytes: int,
+                 progress) -> None:
+    """Stream the weights while a thread imports transformers, checks names and shapes against the config and
+    writes the metadata: that work takes seconds and the streaming is mostly I/O. A failed check stops the
+    streaming at the next tensor, and the temporary directory is removed, so nothing appears at OUTPUT."""
+    with ThreadPoolExecutor(1) as pool:
+        side = pool.submit(_model_side, zero, source, config_dir, tmp, dtype, progress)
+
+        def after_each() -> None:
+            zero.maybe_release()
+            if side.done():
+                side.result()  # re-raises the check's error here
+
+        write_model([(e.name, e.shape, lambda e=e: zero.chunks(e)) for e in _unique(zero)], tmp, dtype, shard_bytes,
+                    progress, after_each)
+        side.result()
+
+
+def _model_side(zero: ZeroCheckpoint, source: Path, config_dir: str, tmp: Path, dtype: str, progress) -> None:
+    _check_names(zero, config_dir, source)
+    _write_metadata(source, config_dir, tmp, dtype, progress)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -92,6 +116,9 @@ def base_reference(source: Path, base_model: str | None) -> str:
 
 
 def read_config(ref: str, source: Path) -> dict:
+    local = Path(ref) / "config.json"
+    if local.is_file():  # plain JSON: importing transformers costs seconds
+        return json.loads(local.read_text())
     from transformers import AutoConfig
 
     try:
@@ -137,45 +164,6 @@ def meta_shapes(config_dir: str) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters() if n not in tied}
 
 
-def write_shards(tensors, out: Path, dtype: str, shard_bytes: int, release=None, progress=print, total=None) -> None:
-    """Stream (name, tensor) pairs into safetensors shards of at most shard_bytes, plus the index."""
-    import torch
-    from safetensors.torch import save_file
-
-    target = getattr(torch, dtype)
-    shard, size, files, weight_map, total_bytes, count = {}, 0, [], {}, 0, 0
-
-    def flush():
-        nonlocal shard, size
-        name = f"shard-{len(files) + 1:05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        files.append(name)
-        weight_map.update(dict.fromkeys(shard, name))
-        shard, size = {}, 0
-        if release:
-            release()  # unmap the rank files: pages read for this shard leave resident memory
-        progress(f"  wrote shard {len(files)} ({count}/{total or '?'} tensors)")
-
-    for name, tensor in tensors:
-        tensor = tensor.to(target).contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > shard_bytes:
-            flush()
-        shard[name], size, total_bytes, count = tensor, size + nbytes, total_bytes + nbytes, count + 1
-    if shard:
-        flush()
-    _name_shards(out, files, weight_map, total_bytes)
-
-
-def _name_shards(out: Path, files: list[str], weight_map: dict, total_bytes: int) -> None:
-    """Rename to transformers' model-0000i-of-0000N names, now that N is known, and write the index."""
-    final = {f: f"model-{i:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files, 1)}
-    for old, new in final.items():
-        os.replace(out / old, out / new)
-    index = {"metadata": {"total_size": total_bytes}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
 def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dtype: str, shard_bytes: int):
     """Base weights + the adapter from the shards -> peft merges them; the adapter is kept in out/adapter.
 
@@ -203,8 +191,9 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
     model.save_pretrained(out / "adapter", safe_serialization=True)
     merged = model.merge_and_unload()
     tied = set(getattr(merged, "all_tied_weights_keys", {}) or {})
-    write_shards(((n, p.detach()) for n, p in merged.state_dict().items() if n not in tied), out, dtype,
-                 shard_bytes, progress=lambda _: None)
+    weights = [(n, tuple(p.shape), lambda p=p: [p.detach().reshape(-1)]) for n, p in merged.state_dict().items()
+               if n not in tied]
+    write_model(weights, out, dtype, shard_bytes, progress=lambda _: None)
 
 
 def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progress=print) -> None:

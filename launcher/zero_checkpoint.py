@@ -7,11 +7,14 @@ parameter is a list of (rank, group, start, length) pieces, read from memory-map
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import RecipeError
+
+RELEASE_EVERY = 256 * 2**20  # bytes read through the maps before they are dropped and re-opened
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class ZeroCheckpoint:
         self.global_steps = first.get("global_steps")
         self._optim = None
         self._frozen = None
+        self._mapped_bytes = 0
         self.entries = self._entries()
         self.release()
 
@@ -117,34 +121,68 @@ class ZeroCheckpoint:
             self._frozen = [load(f).get("frozen_param_fragments") or {} for f in self.model_files]
         return self._frozen[rank]
 
-    def tensor(self, entry: Entry):
-        """The fp32 tensor of one parameter (frozen ones in their saved dtype), as a fresh copy."""
-        import torch
-
+    def chunks(self, entry: Entry) -> list:
+        """1-D views into the memory maps whose concatenation is the parameter (frozen ones in their saved dtype)."""
         if entry.pieces:
             parts = [self.optim(p.rank)[p.group].narrow(0, p.start, p.length) for p in entry.pieces]
         else:
             parts = [self.frozen(r)[entry.name].reshape(-1) for r in range(len(self.model_files))]
-        numel = math.prod(entry.shape)
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if flat.numel() < numel:
-            raise RecipeError(f"{self.dir}: parameter {entry.name} has {flat.numel()} of {numel} values saved")
-        return flat[:numel].clone().view(entry.shape)
+        out, left = [], math.prod(entry.shape)
+        for part in parts:  # ZeRO-3 pads each parameter's last slice: keep only the real values
+            if left > 0:
+                out.append(part[: min(left, part.numel())])
+                left -= out[-1].numel()
+        if left:
+            raise RecipeError(f"{self.dir}: parameter {entry.name} is missing {left} of its values")
+        self._mapped_bytes += sum(c.numel() * c.element_size() for c in out)
+        return out
+
+    def tensor(self, entry: Entry):
+        """One parameter as a tensor of its own (a copy)."""
+        import torch
+
+        return torch.cat(self.chunks(entry)).view(entry.shape)
+
+    def maybe_release(self) -> None:
+        """Drop the maps once enough has been read through them, bounding resident memory."""
+        if self._mapped_bytes > RELEASE_EVERY:
+            self.release()
 
     def release(self) -> None:
+        """Drop the memory maps: pages read so far stop counting as this process' resident memory."""
         self._optim = None
         self._frozen = None
+        self._mapped_bytes = 0
+
+
+class _ZeroStage(enum.IntEnum):
+    """Stands in for deepspeed's ZeroStageEnum, so reading a checkpoint needs no deepspeed import (seconds)."""
+
+    disabled = 0
+    optimizer_states = 1
+    gradients = 2
+    weights = 3
+
+
+class _Opaque:
+    """Stands in for DeepSpeed's bookkeeping objects (loss scaler, fragment addresses); consolidation ignores them."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {})
+
+
+SAFE_GLOBALS = [(_ZeroStage, "deepspeed.runtime.zero.config.ZeroStageEnum")] + [
+    (_Opaque, name) for name in ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                                 "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                                 "deepspeed.utils.tensor_fragment.fragment_address")]
 
 
 def load(path: Path) -> dict:
-    """torch.load with weights_only=True, allowing the few DeepSpeed classes its checkpoints pickle."""
+    """torch.load with weights_only=True: tensors and plain data only, with stand-ins for DeepSpeed's classes."""
     import torch
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
 
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a truncated or foreign file: say which
         reason = str(err).splitlines()[0]
