@@ -19,12 +19,17 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def prepare(run_dir: Path, files: dict[str, str]) -> None:
-    """Create the run directory and write `files`; refuse one that already holds another run's checkpoints."""
+def refuse_used(run_dir: Path) -> None:
+    """A run directory that holds checkpoints belongs to another run: never train over it."""
     existing = sorted(checkpoints_dir(run_dir).glob("checkpoint-*"))
     if existing:
         raise RecipeError(f"{run_dir}: run directory already holds checkpoints ({existing[-1].name}); "
                           "pick another run.name or run.output_dir, or move it away")
+
+
+def prepare(run_dir: Path, files: dict[str, str]) -> None:
+    """Create the run directory and write `files`, unless it belongs to another run."""
+    refuse_used(run_dir)
     for name, text in files.items():
         write_atomic(run_dir / name, text)
 

@@ -33,6 +33,7 @@ def _train(recipe_path: str, overrides: dict, rank: int, world: int) -> None:
     recipe = recipes.load(recipe_path, overrides)
     ds, batch = ds_config.resolve(recipe, world, recipes.model_config(recipe, recipe_path), recipe_path)
     run_dir = Path(recipe.run.output_dir)
+    rundir.refuse_used(run_dir)
     if rank == 0:
         rundir.write_atomic(run_dir / "recipe.yaml", recipes.dump(recipe))
         rundir.write_atomic(run_dir / "ds_config.json", ds_config.to_json(ds))
@@ -83,7 +84,7 @@ def _train(recipe_path: str, overrides: dict, rank: int, world: int) -> None:
             from launcher.consolidate import consolidate
 
             unset_hf_deepspeed_config()  # else building the model to merge into would start a ZeRO-3 partition
-            consolidate(str(last_checkpoint(run_dir)), str(run_dir / "final"), overwrite=True)
+            consolidate(str(run_dir), str(run_dir / "final"), overwrite=True)  # its newest complete checkpoint
 
 
 def last_checkpoint(run_dir: Path) -> Path:

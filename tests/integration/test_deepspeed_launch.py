@@ -76,7 +76,29 @@ def test_smoke_recipe_zero3_full_finetune_learns(tmp_path):
     assert plan["deepspeed"]["zero_optimization"]["stage"] == 3
     assert f"run directory: {run_dir}" in result.stdout
     assert_final_model_serves(run_dir / "final")
+    assert_final_eval_loss_matches(run_dir)
     assert result.stdout.strip().splitlines()[-1] == f"finished: {run_dir / 'final'}"
+
+
+def assert_final_eval_loss_matches(run_dir: Path) -> None:
+    """The consolidated fp32 model scores the run's eval split as the trainer did at its last step (2 ranks then,
+    one process now, same batches of 8)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from launcher import data
+    from launcher import recipe as recipes
+
+    recipe = recipes.load(str(run_dir / "recipe.yaml"))
+    _, eval_set = data.load(recipe, "recipe.yaml", seed=recipe.training["seed"])
+    args = SFTConfig(output_dir=str(run_dir / "eval"), use_cpu=True, per_device_eval_batch_size=8, report_to="none",
+                     max_length=recipe.training["max_length"], assistant_only_loss=True, bf16=False)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(run_dir / "final"), args=args,
+                         train_dataset=eval_set, eval_dataset=eval_set,  # train_dataset: required, unused
+                         processing_class=AutoTokenizer.from_pretrained(run_dir / "final"))
+    state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
+    final_eval = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e][-1]
+    assert abs(trainer.evaluate()["eval_loss"] - final_eval) < 1e-4
 
 
 def assert_final_model_serves(final: Path) -> None:
