@@ -48,7 +48,7 @@ def tokenizer(rows: list[dict]) -> PreTrainedTokenizerFast:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator((turn["content"] for row in rows for turn in row["messages"]), trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                  additional_special_tokens=ROLE_TOKENS)
+                                  additional_special_tokens=ROLE_TOKENS, model_max_length=256)
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
