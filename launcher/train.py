@@ -14,6 +14,7 @@ from pathlib import Path
 
 from launcher import data, ds_config, modeling, rundir
 from launcher import recipe as recipes
+from launcher.consolidate import resolve_checkpoint
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
 
 
@@ -87,16 +88,13 @@ def _train(recipe_path: str, overrides: dict, rank: int, world: int) -> None:
             consolidate(str(run_dir), str(run_dir / "final"), overwrite=True)  # its newest complete checkpoint
 
 
-def last_checkpoint(run_dir: Path) -> Path:
-    return max(rundir.checkpoints_dir(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
 def summary(trainer, run_dir: Path) -> str:
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     lines = [f"done: {trainer.state.global_step} steps"]
     if losses:
         lines[0] += f", training loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-    lines += [f"run directory: {run_dir}", f"checkpoint:    {last_checkpoint(run_dir)} (ZeRO shards of every rank)"]
+    checkpoint = resolve_checkpoint(run_dir)  # the newest complete one, as consolidation picks it
+    lines += [f"run directory: {run_dir}", f"checkpoint:    {checkpoint} (ZeRO shards of every rank)"]
     return "\n".join(lines)
 
 
