@@ -10,8 +10,8 @@ import os
 import subprocess
 import sys
 
+from launcher import checkpoints, rundir, topology
 from launcher import plan as plans
-from launcher import rundir, topology
 from launcher.errors import RecipeError, exits_cleanly
 from launcher.schema import did_you_mean
 
@@ -20,9 +20,13 @@ LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_
 
 def _split(overrides: dict) -> dict:
     """Dotted keys are recipe overrides; anything else is a flag this command does not have."""
+    if "resume" in overrides:  # --resume auto|never|PATH: the common spelling of --run.resume
+        overrides = dict(overrides)
+        overrides["run.resume"] = str(overrides.pop("resume"))
     for key in overrides:
         if "." not in key:
-            raise RecipeError(f"command line: unknown option --{key}{did_you_mean(key, LAUNCH_FLAGS + ('format',))}; "
+            known = (*LAUNCH_FLAGS, "format", "resume")
+            raise RecipeError(f"command line: unknown option --{key}{did_you_mean(key, known)}; "
                               "recipe overrides look like --section.key=value")
     return overrides
 
@@ -50,12 +54,22 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     no ssh needed; or --hostfile for DeepSpeed's own ssh start-up)."""
     topo = topology.from_flags(nproc_per_node, nnodes, node_rank, master_addr, master_port, hostfile)
     resolved = plans.make(recipe, _split(overrides), topo)
-    rundir.prepare(resolved.run_dir, resolved.files())
+    resume = checkpoints.resume_point(resolved.run_dir, resolved.recipe.run.resume, topo.world)
+    if resume and checkpoints.finished(resume):
+        print(f"{resolved.run_dir}: already trained to the end ({resume.name}); nothing to do", flush=True)
+        return
+    rundir.prepare(resolved.run_dir, resolved.files(), resuming=resume is not None)
     print(f"run directory {resolved.run_dir}\n{resolved.batch}\n{topo}", flush=True)
+    if resume:
+        print(f"resuming from {resume}", flush=True)
     print(topology.shell_line(resolved.env, resolved.command), flush=True)
     result = subprocess.run(resolved.command, env={**os.environ, **resolved.env})
     final = resolved.run_dir / "final"
-    if result.returncode == 0 and topo.node_rank == 0:
+    if result.returncode != 0:
+        print(f"error: training failed (deepspeed exit code {result.returncode}); the failing rank's error is "
+              f"above; the run can be continued from its newest complete checkpoint by the same command",
+              file=sys.stderr, flush=True)
+    elif topo.node_rank == 0:
         print(f"finished: {final if final.is_dir() else resolved.run_dir}", flush=True)
     sys.exit(result.returncode)
 

@@ -16,7 +16,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from launcher import model_card
+from launcher import checkpoints, model_card
 from launcher.errors import RecipeError
 from launcher.safetensors_stream import write_model
 from launcher.zero_checkpoint import ZeroCheckpoint, find_step_dir
@@ -85,11 +85,15 @@ def resolve_checkpoint(path: Path) -> Path:
         raise RecipeError(f"{path}: does not exist")
     if (path / "latest").is_file():
         return path
-    candidates = sorted(path.glob("checkpoints/checkpoint-*")) + sorted(path.glob("checkpoint-*"))
-    complete = [c for c in candidates if (c / "latest").is_file()]
-    if not complete:
-        raise RecipeError(f"{path}: holds no DeepSpeed checkpoint (no 'latest' file here or in checkpoint-*/)")
-    return max(complete, key=lambda c: int(c.name.rsplit("-", 1)[-1]))
+    for run_dir in (path, path.parent):  # a run directory, or its checkpoints/ directory
+        done = checkpoints.complete(run_dir)
+        if done:
+            return done[-1]
+        partial = ", ".join(c.name for c in checkpoints.listing(run_dir))
+        if partial:
+            raise RecipeError(f"{path}: no complete checkpoint ({partial} lack the {checkpoints.MARKER} marker "
+                              "that is written once every rank has saved)")
+    raise RecipeError(f"{path}: holds no DeepSpeed checkpoint (no 'latest' file, no checkpoints/checkpoint-N)")
 
 
 def parse_size(text: str) -> int:

@@ -107,6 +107,8 @@ def resolve_paths(recipe: Recipe, where: str) -> Recipe:
             spec.path = _data_ref(spec.path, where, f"data.{section}.{i}.path")
     recipe.deepspeed.config = _existing(recipe.deepspeed.config, where, "deepspeed.config")
     recipe.run.output_dir = str(Path(recipe.run.output_dir or f"runs/{recipe.run.name}").absolute())
+    if recipe.run.resume not in ("auto", "never"):
+        recipe.run.resume = str(_existing_dir(recipe.run.resume, where, "run.resume"))
     return recipe
 
 
@@ -155,6 +157,13 @@ def _existing(ref: str, where: str, key: str) -> str:
     path = Path(ref).expanduser()
     if not path.is_file():
         schema.fail(where, key, f"'{ref}' does not exist")
+    return str(path.absolute())
+
+
+def _existing_dir(ref: str, where: str, key: str) -> str:
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        schema.fail(where, key, f"'{ref}' is neither auto, never, nor an existing checkpoint directory")
     return str(path.absolute())
 
 

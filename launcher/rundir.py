@@ -10,28 +10,43 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+import yaml
+
 from launcher.errors import RecipeError
 
 PACKAGES = ("launcher", "torch", "transformers", "trl", "peft", "deepspeed", "accelerate", "datasets", "wandb")
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
-
-
-def refuse_used(run_dir: Path) -> None:
-    """A run directory that holds checkpoints belongs to another run: never train over it."""
-    existing = sorted(checkpoints_dir(run_dir).glob("checkpoint-*"))
-    if existing:
-        raise RecipeError(f"{run_dir}: run directory already holds checkpoints ({existing[-1].name}); "
-                          "pick another run.name or run.output_dir, or move it away")
-
-
-def prepare(run_dir: Path, files: dict[str, str]) -> None:
-    """Create the run directory and write `files`, unless it belongs to another run."""
-    refuse_used(run_dir)
+def prepare(run_dir: Path, files: dict[str, str], resuming: bool) -> None:
+    """Create the run directory and write `files`; a resumed run must have the recipe it started with."""
+    if resuming:
+        check_same_recipe(run_dir, files["recipe.yaml"])
     for name, text in files.items():
         write_atomic(run_dir / name, text)
+
+
+def check_same_recipe(run_dir: Path, recipe_yaml: str) -> None:
+    """Continuing a run under a changed recipe would mix two experiments in one run: refuse, naming the key."""
+    stored = run_dir / "recipe.yaml"
+    if not stored.is_file():
+        return
+    before, now = yaml.safe_load(stored.read_text()), yaml.safe_load(recipe_yaml)
+    for run in (before, now):
+        run.get("run", {}).pop("resume", None)  # how to start is not part of what is trained
+    key = _first_difference(before, now)
+    if key is not None:
+        raise RecipeError(f"{stored}: this run started with a different recipe ({key or 'recipe'} changed); "
+                          "resuming would mix two experiments: use a new run.name or run.output_dir")
+
+
+def _first_difference(a, b, path: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+        return None
+    return None if a == b else path
 
 
 def write_atomic(path: Path, text: str) -> None:

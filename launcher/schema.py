@@ -39,6 +39,9 @@ class RunSection:
     )
     consolidate: bool = doc("When training ends, merge the last checkpoint into <run dir>/final (a HF model).",
                             default=True)
+    resume: str = doc("auto: continue from the run directory's newest complete checkpoint (the recipe must be the "
+                      "one the run started with); never: refuse a run directory that holds checkpoints; or the "
+                      "path of a checkpoint to start from.", default="auto")
 
 
 @dataclass

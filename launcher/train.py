@@ -6,44 +6,75 @@ Started by the real launcher as `deepspeed ... --module launcher.train RECIPE [-
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
-from launcher import data, ds_config, modeling, rundir
+from launcher import checkpoints, data, ds_config, modeling, rundir
 from launcher import recipe as recipes
 from launcher.consolidate import resolve_checkpoint
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
+
+STOPPED = "stopped.json"  # written when a stop request ended training early: the job script requeues on it
 
 
 def run(recipe_path: str, overrides: dict) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, noise to users
     rank, world = distributed_env()
+    run_dir = None
     try:
-        _train(recipe_path, overrides, rank, world)
+        recipe = recipes.load(recipe_path, overrides)
+        run_dir = Path(recipe.run.output_dir)
+        _train(recipe, recipe_path, rank, world)
     except RecipeError as err:
         if rank == 0:  # every rank finds the same problem; say it once
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
+    except Exception as err:
+        print(crash_line(err, rank, run_dir), file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
-def _train(recipe_path: str, overrides: dict, rank: int, world: int) -> None:
+def crash_line(err: Exception, rank: int, run_dir: Path | None) -> str:
+    """One line per failing rank instead of a traceback from each: the traceback goes to the run directory.
+
+    When one rank dies the others fail in their next collective; they say so briefly, pointing at the real error."""
+    where = f"rank {rank} ({socket.gethostname()})"
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    kind = type(err).__name__
+    if any(c.__name__ == "DistError" for c in type(err).__mro__) or "Connection closed by peer" in str(err):
+        line = f"error: {where} lost contact with another rank ({kind}: {first}); the rank that failed says why"
+    else:
+        line = f"error: {where} failed: {kind}: {first}"
+    if run_dir is None:
+        return line + "\n" + traceback.format_exc()
+    saved = run_dir / "ranks" / f"rank{rank}.traceback"
+    rundir.write_atomic(saved, traceback.format_exc())
+    return f"{line} [traceback: {saved}]"
+
+
+def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
     # --- recipe: validated and resolved exactly as `plan` did, for the world size these ranks form
-    recipe = recipes.load(recipe_path, overrides)
     ds, batch = ds_config.resolve(recipe, world, recipes.model_config(recipe, recipe_path), recipe_path)
     run_dir = Path(recipe.run.output_dir)
-    rundir.refuse_used(run_dir)
+    resume = checkpoints.resume_point(run_dir, recipe.run.resume, world)
+    if resume and checkpoints.finished(resume):
+        if rank == 0:
+            print(f"{run_dir}: already trained to the end ({resume.name}); nothing to do", flush=True)
+        return
     if rank == 0:
-        rundir.write_atomic(run_dir / "recipe.yaml", recipes.dump(recipe))
-        rundir.write_atomic(run_dir / "ds_config.json", ds_config.to_json(ds))
-        rundir.record_environment(run_dir)
+        start_run_dir(run_dir, recipe, ds, resume)
 
     import deepspeed  # heavy imports only once the recipe is known to be good
     import torch
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
+
+    from launcher.callbacks import STOP_FILE_ENV, CompleteCheckpoints, StopOnRequest
 
     on_gpu = torch.cuda.is_available()
     seed = ds_config.training_value(recipe, "seed")
@@ -52,9 +83,10 @@ def _train(recipe_path: str, overrides: dict, rank: int, world: int) -> None:
     tokenizer = modeling.load_tokenizer(recipe)
     train_set, eval_set = data.load(recipe, recipe_path, seed)
 
-    # --- training arguments before the model: under ZeRO-3 the model is partitioned while it is built
-    args = SFTConfig(output_dir=str(rundir.checkpoints_dir(run_dir)), deepspeed=ds, use_cpu=not on_gpu,
-                     **recipe.training)
+    # --- training arguments before the model: under ZeRO-3 the model is partitioned while it is built.
+    # Retention is ours (callbacks.CompleteCheckpoints): HF's rotation would count half-written checkpoints.
+    training = {**recipe.training, "save_total_limit": None}
+    args = SFTConfig(output_dir=str(checkpoints.directory(run_dir)), deepspeed=ds, use_cpu=not on_gpu, **training)
     if args.world_size != world:  # reading it joins the process group: ZeRO-3 partitions the model at build time
         raise RuntimeError(f"the trainer sees world size {args.world_size}, the launcher started {world} ranks")
     deepspeed.init_distributed()  # on CPU accelerate joins through torch alone; DeepSpeed must see that group too
@@ -65,27 +97,50 @@ def _train(recipe_path: str, overrides: dict, rank: int, world: int) -> None:
     peft_config = modeling.lora_config(recipe, model, recipe_path)
 
     # --- trainer
+    stopper = StopOnRequest(os.environ[STOP_FILE_ENV]) if os.environ.get(STOP_FILE_ENV) else None
+    callbacks = [CompleteCheckpoints(run_dir, world, ds_config.zero_stage(ds, recipe.deepspeed.config),
+                                     recipe.training.get("save_total_limit")), *([stopper] if stopper else [])]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                         processing_class=tokenizer, peft_config=peft_config)
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     if rank == 0:
-        print(f"training {recipe.run.name}: {len(train_set)} rows, {batch}", flush=True)
+        start = f", resuming from {resume.name}" if resume else ""
+        print(f"training {recipe.run.name}: {len(train_set)} rows, {batch}{start}", flush=True)
 
     # --- train; the final step always writes a sharded checkpoint
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     rundir.record_rank(run_dir, rank, world, trainer.model_wrapped.config)
 
     # --- save the loss history next to the checkpoints; rank 0 merges the shards once every rank has saved
     trainer.save_state()
     torch.distributed.barrier()
-    if rank == 0:
-        print(summary(trainer, run_dir), flush=True)
-        if recipe.run.consolidate:
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    if rank != 0:
+        return
+    if stopper and stopper.stopped_at is not None:
+        rundir.write_atomic(run_dir / STOPPED, json.dumps({"step": stopper.stopped_at}) + "\n")
+        print(f"stopped at step {stopper.stopped_at} on request, with a complete checkpoint; the same command "
+              "continues the run", flush=True)
+        return
+    print(summary(trainer, run_dir), flush=True)
+    if recipe.run.consolidate:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-            from launcher.consolidate import consolidate
+        from launcher.consolidate import consolidate
 
-            unset_hf_deepspeed_config()  # else building the model to merge into would start a ZeRO-3 partition
-            consolidate(str(run_dir), str(run_dir / "final"), overwrite=True)  # its newest complete checkpoint
+        unset_hf_deepspeed_config()  # else building the model to merge into would start a ZeRO-3 partition
+        consolidate(str(run_dir), str(run_dir / "final"), overwrite=True)  # its newest complete checkpoint
+
+
+def start_run_dir(run_dir: Path, recipe, ds: dict, resume: Path | None) -> None:
+    """Rank 0: snapshot what runs, and move checkpoints cut short by an earlier crash out of the way."""
+    text = recipes.dump(recipe)
+    if resume is not None and resume.parent == checkpoints.directory(run_dir):
+        rundir.check_same_recipe(run_dir, text)
+    for moved in checkpoints.set_aside(run_dir, checkpoints.incomplete(run_dir)):
+        print(f"skipping incomplete checkpoint (no {checkpoints.MARKER}; moved to {moved})", flush=True)
+    (run_dir / STOPPED).unlink(missing_ok=True)
+    rundir.write_atomic(run_dir / "recipe.yaml", text)
+    rundir.write_atomic(run_dir / "ds_config.json", ds_config.to_json(ds))
+    rundir.record_environment(run_dir)
 
 
 def summary(trainer, run_dir: Path) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from launcher import recipe as recipes
 from tests.conftest import REPO, cli
 
 
@@ -99,8 +102,51 @@ def test_rejected_launch_starts_nothing_and_writes_nothing(recipe_factory, tmp_p
     assert not (tmp_path / "run").exists()
 
 
-def test_launch_refuses_a_run_directory_holding_checkpoints(recipe_factory, tmp_path):
-    (tmp_path / "run" / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+def fake_checkpoint(run_dir, step: int, world: int = 2, max_steps: int = 150, complete: bool = True):
+    """A checkpoint directory as the worker leaves it, reduced to what resuming looks at first: its marker."""
+    checkpoint = run_dir / "checkpoints" / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    if complete:
+        marker = {"step": step, "max_steps": max_steps, "world_size": world}
+        (checkpoint / "complete.json").write_text(json.dumps(marker))
+    return checkpoint
+
+
+def test_resume_never_refuses_a_run_directory_holding_checkpoints(recipe_factory, tmp_path):
+    fake_checkpoint(tmp_path / "run", 5)
     (tmp_path / "run" / "recipe.yaml").write_text("earlier run\n")
-    assert_rejected(cli("launch", recipe_factory(), "--nproc_per_node", 2), "already holds checkpoints")
+    assert_rejected(cli("launch", recipe_factory(), "--nproc_per_node", 2, "--resume", "never"),
+                    "already holds checkpoints", "--run.resume=auto")
     assert (tmp_path / "run" / "recipe.yaml").read_text() == "earlier run\n"
+
+
+def test_resume_refuses_a_recipe_changed_since_the_run_started(recipe_factory, tmp_path):
+    recipe = recipe_factory()
+    stored = tmp_path / "run" / "recipe.yaml"
+    fake_checkpoint(tmp_path / "run", 75)
+    stored.write_text(recipes.dump(recipes.load(str(recipe))))
+    before = stored.read_text()
+    assert_rejected(cli("launch", recipe, "--nproc_per_node", 2, "--training.learning_rate=1e-4"),
+                    str(stored), "training.learning_rate changed", "new run.name")
+    assert stored.read_text() == before
+
+
+def test_resume_refuses_another_world_size(recipe_factory, tmp_path):
+    fake_checkpoint(tmp_path / "run", 75, world=4)
+    assert_rejected(cli("launch", recipe_factory(), "--nproc_per_node", 2), "checkpoint-75", "saved by 4 ranks",
+                    "resume with 4 ranks")
+
+
+@pytest.mark.parametrize("target", ["missing", "not_a_checkpoint"])
+def test_resume_path_must_be_a_complete_checkpoint(recipe_factory, tmp_path, target):
+    (tmp_path / "not_a_checkpoint").mkdir()
+    assert_rejected(cli("launch", recipe_factory(), "--nproc_per_node", 2, "--resume", tmp_path / target),
+                    "run.resume" if target == "missing" else "not a complete checkpoint", target)
+
+
+def test_a_finished_run_is_not_trained_again(recipe_factory, tmp_path):
+    fake_checkpoint(tmp_path / "run", 150)
+    result = cli("launch", recipe_factory(), "--nproc_per_node", 2)
+    assert result.returncode == 0, result.stderr
+    assert "already trained to the end (checkpoint-150); nothing to do" in result.stdout
+    assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing started, nothing written

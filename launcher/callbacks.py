@@ -1,0 +1,56 @@
+"""Trainer callbacks of the worker: checkpoint completion markers and retention, and stopping on request."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from launcher import checkpoints
+
+STOP_FILE_ENV = "LAUNCHER_STOP_FILE"  # set by the Slurm job script; its trap creates the file on the signal
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """After every save: each rank flushes its files, all meet at a barrier, then rank 0 writes the marker and
+    applies retention (HF's own rotation is switched off: it counts half-written checkpoints too)."""
+
+    def __init__(self, run_dir: Path, world: int, zero_stage: int, keep: int | None):
+        self.run_dir, self.world, self.zero_stage, self.keep = run_dir, world, zero_stage, keep
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = checkpoints.directory(self.run_dir) / f"checkpoint-{state.global_step}"
+        os.sync()  # this rank's shard files, on their way to disk before anyone declares the checkpoint whole
+        dist.barrier()
+        if state.is_world_process_zero:
+            checkpoints.mark_complete(checkpoint, {"step": state.global_step, "max_steps": state.max_steps,
+                                                   "world_size": self.world, "zero_stage": self.zero_stage,
+                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            for old in checkpoints.retain(self.run_dir, self.keep):
+                print(f"retention: removed {old.name}", flush=True)
+        return control
+
+
+class StopOnRequest(TrainerCallback):
+    """Checkpoint and stop when the stop file appears (Slurm's warning signal before a time limit or preemption).
+
+    Ranks must stop after the same step, or the save (a collective) would hang: they agree with one all-reduce per
+    step, which costs microseconds next to a training step. Only runs that were given a stop file pay it."""
+
+    def __init__(self, stop_file: str):
+        self.stop_file = Path(stop_file)
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = torch.tensor([1.0 if self.stop_file.exists() else 0.0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not control.should_training_stop:
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+            if state.is_world_process_zero:
+                print(f"stop requested: saving a checkpoint at step {state.global_step} and stopping", flush=True)
+        return control

@@ -1,0 +1,105 @@
+"""Failures never hang: a rank killed with SIGKILL, or one that raises, ends the whole run quickly, non-zero, with
+the error said once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, smoke_recipe
+from tests.integration.test_deepspeed_launch import free_port
+from tests.integration.test_resume import complete_steps
+
+pytestmark = pytest.mark.integration
+
+LONG = {"max_steps": 400, "save_steps": 4, "logging_steps": 1, "eval_strategy": "no"}
+
+# Injected into every Python process of the run through PYTHONPATH: rank 1 (and only rank 1) fails to load its
+# data, as when a node cannot read the dataset. Test-only: the launcher has no fault-injection switch.
+FAULT = textwrap.dedent('''
+    import os, sys
+    if os.environ.get("RANK") == "1":
+        class _Fault:
+            def find_spec(self, name, path, target=None):
+                if name != "launcher.data":
+                    return None
+                sys.meta_path.remove(self)
+                import importlib.util
+                spec = importlib.util.find_spec(name)
+                run_module = spec.loader.exec_module
+                def exec_module(module):
+                    run_module(module)
+                    def load(*args, **kwargs):
+                        raise OSError("injected: cannot read train.jsonl on this node")
+                    module.load = load
+                spec.loader.exec_module = exec_module
+                return spec
+        sys.meta_path.insert(0, _Fault())
+''')
+
+
+def start(recipe: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launcher", "launch", recipe, "--nproc_per_node", "2",
+                             "--master_port", str(free_port())], cwd=REPO, start_new_session=True,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+
+def ranks_of(recipe_dir: Path) -> list[psutil.Process]:
+    """The worker processes of this test's run (found by the run directory in their command line)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "launcher.train" in cmdline and str(recipe_dir) in cmdline and "deepspeed.launcher" not in cmdline:
+            found.append(proc)
+    return found
+
+
+def wait_bounded(proc: subprocess.Popen, seconds: float) -> tuple[int, float]:
+    began = time.monotonic()
+    try:
+        code = proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        pytest.fail(f"the run hung: still running {seconds} s after the failure")
+    return code, time.monotonic() - began
+
+
+def test_sigkill_of_one_rank_ends_the_run(tmp_path):
+    recipe = smoke_recipe(tmp_path, training=LONG)
+    proc = start(recipe, tmp_path / "log")
+    deadline = time.monotonic() + 300
+    while not complete_steps(tmp_path / "run"):  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.1)
+    victim = [p for p in ranks_of(tmp_path) if "--local_rank=1" in p.cmdline()]
+    assert len(victim) == 1
+    victim[0].kill()
+    code, took = wait_bounded(proc, 60)
+    assert code != 0
+    assert "training failed" in (tmp_path / "log").read_text()
+    time.sleep(1)
+    assert not ranks_of(tmp_path), "a rank outlived the run"
+
+
+def test_exception_on_one_rank_is_reported_once(tmp_path):
+    (tmp_path / "fault").mkdir()
+    (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT)
+    recipe = smoke_recipe(tmp_path, training=LONG)
+    proc = start(recipe, tmp_path / "log", {"PYTHONPATH": str(tmp_path / "fault")})
+    code, _ = wait_bounded(proc, 180)
+    log = (tmp_path / "log").read_text()
+    assert code != 0
+    assert log.count("cannot read train.jsonl on this node") == 1, log[-3000:]
+    assert "error: rank 1 (" in log and "failed: OSError: injected: cannot read train.jsonl on this node" in log
+    assert "Traceback" not in log, log[-3000:]
+    saved = tmp_path / "run" / "ranks" / "rank1.traceback"
+    assert "Traceback" in saved.read_text() and f"[traceback: {saved}]" in log
+    time.sleep(1)
+    assert not ranks_of(tmp_path), "a rank outlived the run"
