@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -75,6 +76,49 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
 
 
 @exits_cleanly
+def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = None, partition: str | None = None,
+           time: str | None = None, account: str | None = None, qos: str | None = None, dry_run: bool = False,
+           **overrides) -> None:
+    """Submit RECIPE as a Slurm job (flags override the recipe's `slurm` section); --dry_run prints the job script
+    and submits nothing. The job resumes from the run's newest complete checkpoint and requeues itself on USR1."""
+    from launcher import recipe as recipes
+    from launcher import slurm
+
+    flags = {"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition, "time": time,
+             "account": account, "qos": qos}
+    overrides = {**_split(overrides), **{f"slurm.{k}": v for k, v in flags.items() if v is not None}}
+    options = recipes.load(recipe, overrides).slurm
+    if options.gpus_per_node is None:
+        raise RecipeError(f"{recipe}: slurm.gpus_per_node is not set; pass --gpus_per_node (ranks per node)")
+    topo = topology.Topology((options.gpus_per_node,) * options.nodes)
+    resolved = plans.make(recipe, overrides, topo)
+    run_dir, rec = resolved.run_dir, resolved.recipe
+    gpus = slurm.cluster_has_gpus()
+    script = slurm.render(run_dir, rec.run.name, options, rec.run.consolidate, gpus)
+    ranks = "GPU" if gpus else "CPU"
+    header = (f"run directory {run_dir}\n{resolved.batch}\n{topo} ({ranks} ranks)\nmemory: {resolved.memory}\n"
+              f"log: {slurm.log_pattern(run_dir)}")
+    if dry_run:
+        print(f"{header}\n--- {run_dir / slurm.SCRIPT} (dry run: nothing written, nothing submitted)\n{script}")
+        return
+    resume = checkpoints.resume_point(run_dir, rec.run.resume, topo.world)
+    if resume and checkpoints.finished(resume):
+        print(f"{run_dir}: already trained to the end ({resume.name}); nothing to submit", flush=True)
+        return
+    active = slurm.active_job_for(run_dir) if shutil.which("squeue") else None
+    if active:
+        raise RecipeError(f"{run_dir}: job {active} is already training into this run directory; wait for it or "
+                          f"cancel it (scancel {active})")
+    files = {"recipe.yaml": recipes.dump(rec), "ds_config.json": resolved.files()["ds_config.json"],
+             slurm.SCRIPT: script}
+    rundir.prepare(run_dir, files, resuming=resume is not None)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    job = slurm.sbatch(run_dir / slurm.SCRIPT)
+    print(f"{header}\n{'resuming from ' + resume.name if resume else 'new run'}\nsubmitted job {job}\n"
+          f"log: {slurm.log_pattern(run_dir).replace('%x', rec.run.name).replace('%j', job)}", flush=True)
+
+
+@exits_cleanly
 def train(recipe: str, **overrides) -> None:
     """Train in this process as a single rank: the quick debug run of a recipe on one GPU or the CPU."""
     from launcher import train as worker
@@ -92,7 +136,7 @@ def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shar
     consolidation.consolidate(str(checkpoint), str(output), dtype, str(max_shard_size), base_model, bool(overwrite))
 
 
-COMMANDS = {"plan": plan, "launch": launch, "train": train, "consolidate": consolidate}
+COMMANDS = {"plan": plan, "launch": launch, "submit": submit, "train": train, "consolidate": consolidate}
 
 
 def main() -> None:

@@ -32,11 +32,9 @@ class Plan:
 
     def files(self) -> dict[str, str]:
         """What the launch writes into the run directory before starting ranks (content by file name)."""
-        out = {
-            "recipe.yaml": recipes.dump(self.recipe),
-            "ds_config.json": ds_config.to_json(self.ds_config),
-            "command.txt": shell_line(self.env, self.command) + "\n",
-        }
+        out = {"recipe.yaml": recipes.dump(self.recipe), "ds_config.json": ds_config.to_json(self.ds_config)}
+        if self.topology.node_rank == 0:  # one record of the command, not one per node overwriting each other
+            out["command.txt"] = shell_line(self.env, self.command) + "\n"
         if self.topology.nnodes > 1 and not self.topology.hostfile:
             out["hostfile"] = generated_hostfile(self.topology)
         return out

@@ -32,7 +32,8 @@ def check_same_recipe(run_dir: Path, recipe_yaml: str) -> None:
         return
     before, now = yaml.safe_load(stored.read_text()), yaml.safe_load(recipe_yaml)
     for run in (before, now):
-        run.get("run", {}).pop("resume", None)  # how to start is not part of what is trained
+        for key in ("resume", "consolidate"):  # how the run starts and ends, not what it trains
+            run.get("run", {}).pop(key, None)
     key = _first_difference(before, now)
     if key is not None:
         raise RecipeError(f"{stored}: this run started with a different recipe ({key or 'recipe'} changed); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,29 @@ class DeepSpeedSection:
     overrides: dict[str, Any] = doc("Keys merged over the template, nested as in the JSON.", factory=dict)
 
 
+SLURM_TIME = (lambda v: re.fullmatch(r"(\d+-)?\d+(:\d{2}){0,2}", v) is not None,
+              "must be a Slurm time: MM, HH:MM:SS or D-HH:MM:SS")
+
+
+@dataclass
+class SlurmSection:
+    nodes: int = doc("Nodes to allocate (`submit --nodes`).", POSITIVE, default=1)
+    gpus_per_node: int | None = doc("GPUs, hence ranks, per node (`submit --gpus_per_node`); on a cluster without "
+                                    "GPUs, CPU ranks per node.", POSITIVE, default=None)
+    partition: str | None = doc("Partition (`--partition`).", default=None)
+    time: str | None = doc("Time limit (`--time`), e.g. 04:00:00 or 2-00:00:00.", SLURM_TIME, default=None)
+    account: str | None = doc("Account to charge (`--account`).", default=None)
+    qos: str | None = doc("Quality of service (`--qos`).", default=None)
+    constraint: str | None = doc("Node features (`--constraint`).", default=None)
+    exclusive: bool = doc("Whole nodes only (`--exclusive`).", default=False)
+    signal_grace: int = doc("Seconds before the time limit at which the job checkpoints and requeues itself; "
+                            "0: never.", (lambda v: v >= 0, "must be >= 0"), default=300)
+    sbatch: list[str] = doc("More sbatch options, as on the command line: ['--mem=0', '--gres=gpu:8'].",
+                            factory=list)
+    setup: list[str] = doc("Shell lines run on the first node before training: module load, source venv, ...",
+                           factory=list)
+
+
 @dataclass
 class Recipe:
     run: RunSection = doc("Name and place of the run.")
@@ -103,6 +127,7 @@ class Recipe:
     training: dict[str, Any] = doc("TRL SFTConfig arguments, by their SFTConfig names.", factory=dict)
     deepspeed: DeepSpeedSection = doc("ZeRO configuration.", factory=DeepSpeedSection)
     lora: LoraSection | None = doc("Parameter-efficient fine-tuning; absent = full fine-tune.", default=None)
+    slurm: SlurmSection = doc("Cluster job options for `launcher submit`.", factory=SlurmSection)
 
 
 # --- conversion of plain YAML data into the dataclasses above, strictly -------------------------------------------

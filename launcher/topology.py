@@ -87,7 +87,8 @@ def thread_env(topology: Topology) -> dict[str, str]:
     """On CPU, one rank per core share: oversubscribed threads made training 6.4x slower here."""
     if local_devices() or "OMP_NUM_THREADS" in os.environ:
         return {}
-    per_rank = max(1, (os.cpu_count() or 1) // topology.slots[topology.node_rank])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_rank = max(1, cores // topology.slots[topology.node_rank])  # the cores Slurm or taskset gave us
     return {"OMP_NUM_THREADS": str(per_rank)}
 
 
