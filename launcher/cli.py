@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 
-from launcher import checkpoints, preflight, rundir, topology
+from launcher import checkpoints, preflight, rundir, topology, tracking
 from launcher import plan as plans
 from launcher.errors import RecipeError, exits_cleanly
 from launcher.schema import did_you_mean
@@ -59,6 +59,7 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     if resume and checkpoints.finished(resume):
         print(f"{resolved.run_dir}: already trained to the end ({resume.name}); nothing to do", flush=True)
         return
+    tracking.check_credentials(resolved.recipe, recipe)
     preflight.check(resolved.recipe, recipe)
     rundir.prepare(resolved.run_dir, resolved.files(), resuming=resume is not None)
     print(f"run directory {resolved.run_dir}\n{resolved.batch}\n{topo}", flush=True)
@@ -94,6 +95,7 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     topo = topology.Topology((options.gpus_per_node,) * options.nodes)
     resolved = plans.make(recipe, overrides, topo)
     run_dir, rec = resolved.run_dir, resolved.recipe
+    tracking.check_credentials(rec, recipe)
     preflight.check(rec, recipe)
     gpus = slurm.cluster_has_gpus()
     script = slurm.render(run_dir, rec.run.name, options, rec.run.consolidate, gpus)

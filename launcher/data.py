@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 from launcher.errors import RecipeError
@@ -13,35 +15,131 @@ FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completio
 ROLES = {"system", "user", "assistant", "tool"}
 
 
-def load(recipe: Recipe, where: str, seed: int):
-    """(train, eval or None) as `datasets.Dataset`s in one TRL format."""
-    train = _mix([_load_one(s, where, f"data.train.{i}", seed) for i, s in enumerate(recipe.data.train)], where)
+def load(recipe: Recipe, where: str, seed: int, local_only: bool = False, loaded: list | None = None):
+    """(train, eval or None) as `datasets.Dataset`s in one TRL format.
+
+    local_only: leave out hub datasets (they cannot be checked offline); a section left empty comes back as None.
+    loaded: a list to append (key, path, dataset) to for each dataset read, before weighting and mixing."""
+    def section(name: str):
+        items = []
+        for i, spec in enumerate(getattr(recipe.data, name)):
+            if local_only and not is_local(spec):
+                continue
+            key = f"data.{name}.{i}"
+            ds = _load_one(spec, where, key)
+            if loaded is not None:
+                loaded.append((key, spec.path, ds))
+            items.append((key, _weighted(ds, spec.weight, seed)))
+        return _mix(items, where) if items else None
+
+    train = section("train")
     if recipe.data.eval:
-        eval_sets = [_load_one(s, where, f"data.eval.{i}", seed) for i, s in enumerate(recipe.data.eval)]
-        return train, _mix(eval_sets, where)
-    if recipe.data.eval_fraction > 0:
+        return train, section("eval")
+    if recipe.data.eval_fraction > 0 and train is not None:
         split = train.train_test_split(test_size=recipe.data.eval_fraction, seed=seed)
         return split["train"], split["test"]
     return train, None
 
 
-def _load_one(spec: DatasetSpec, where: str, key: str, seed: int):
+def is_local(spec: DatasetSpec) -> bool:
+    """A file or directory on this machine (recipe loading made it absolute), not a hub id."""
+    return Path(spec.path).exists()
+
+
+def is_conversational(ds) -> bool:
+    """Chat data, which TRL renders with the tokenizer's chat template: `messages`, or prompt/completion turns.
+    Decided on the first row, as TRL does."""
+    if "messages" in ds.column_names:
+        return True
+    return len(ds) > 0 and "prompt" in ds.column_names and isinstance(ds[0]["prompt"], list)
+
+
+def _load_one(spec: DatasetSpec, where: str, key: str):
     import datasets
 
     local = Path(spec.path)
     try:
-        if local.is_file():
-            ds = datasets.load_dataset(DATA_SUFFIXES[local.suffix], data_files=str(local), split="train")
-        else:
-            ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
-    except Exception as err:  # datasets raises many types; the user needs the file and the first line of why
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RecipeError(f"{where}: {key} '{spec.path}' could not be read: {reason}") from None
+        with _datasets_quiet():  # its own log lines would come before ours; ours says more
+            if local.is_file():
+                ds = datasets.load_dataset(DATA_SUFFIXES[local.suffix], data_files=str(local), split="train")
+            else:
+                ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
+    except Exception as err:  # datasets raises many types; the user needs the file, the line and the why
+        problem = file_problem(local) if local.is_file() else None
+        if problem:
+            raise RecipeError(f"{spec.path}: {problem} ({key} in {where})") from None
+        raise RecipeError(f"{where}: {key} '{spec.path}' could not be read: {_reason(err)}") from None
     ds = _rename(ds, spec, where, key)
     fmt = detect_format(ds.column_names, where, key, spec.path)
     ds = ds.select_columns(list(FORMATS[fmt]))
+    if len(ds) == 0:
+        raise RecipeError(f"{spec.path}: no rows ({key} in {where}); give a file with at least one row")
     check_rows(ds, fmt, spec.path)
-    return _weighted(ds, spec.weight, seed)
+    return ds
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
+    from datasets.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _reason(err: Exception) -> str:
+    """The first line of the error that says why: datasets wraps the reader's error in a generic one."""
+    while type(err).__name__ == "DatasetGenerationError" and err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
+def file_problem(path: Path) -> str | None:
+    """Why a local data file could not be read, by line: bytes that are not UTF-8, a JSON Lines line that is not a
+    JSON object, no rows at all. Read line by line, only after the load failed (the file may be large)."""
+    if path.stat().st_size == 0:
+        return "the file is empty; give a file with at least one row"
+    if path.suffix not in (".json", ".jsonl", ".csv"):
+        return None
+    document = path.suffix == ".json" and _starts_with(path, b"[")  # a JSON array rather than JSON Lines
+    offset, rows = 0, 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (f"line {number} (byte {offset + err.start}): not UTF-8 text; re-encode the file as UTF-8 "
+                        "(e.g. iconv -f latin1 -t utf-8)")
+            offset += len(raw)
+            if not line.strip():
+                continue
+            rows += 1
+            if path.suffix == ".csv" or document:
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as err:
+                return f"line {number}: not valid JSON ({err.msg}, column {err.colno}); fix or remove that line"
+            if not isinstance(value, dict):
+                return (f"line {number}: each line must be a JSON object of columns, got a "
+                        f"{type(value).__name__}; fix or remove that line")
+    if rows == 0:
+        return "the file holds no rows, only blank lines; give a file with at least one row"
+    if document:
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            return f"line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
+    return None
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with path.open("rb") as f:
+        return f.read(4096).lstrip().startswith(prefix)
 
 
 def _rename(ds, spec: DatasetSpec, where: str, key: str):
@@ -69,26 +167,49 @@ def check_rows(ds, fmt: str, path: str) -> None:
     for number, row in enumerate(ds, 1):
         problem = _row_problem(row, fmt)
         if problem:
-            raise RecipeError(f"{path}: row {number}: {problem}")
+            raise RecipeError(f"{path}: row {number}: {problem}; fix or remove that row")
 
 
 def _row_problem(row: dict, fmt: str) -> str | None:
+    for column, value in row.items():
+        if value is None:  # a key missing from this row (JSON Lines) or an empty cell (CSV)
+            return f"has no '{column}'"
     if fmt == "text":
         return None if isinstance(row["text"], str) and row["text"] else "'text' is empty or not a string"
     if fmt == "prompt_completion":
         for column in ("prompt", "completion"):
             value = row[column]
-            if value is None or (isinstance(value, str) and not value):
-                return f"'{column}' is empty"
+            if isinstance(value, list):  # conversational prompt/completion: lists of turns
+                problem = _turns_problem(value, column)
+                if problem:
+                    return problem
+            elif not isinstance(value, str) or not value:
+                return f"'{column}' is empty or neither a string nor a list of messages"
         return None
     messages = row["messages"]
+    if not isinstance(messages, list):
+        return f"'messages' must be a list of messages, got {type(messages).__name__}"
     if not messages:
         return "'messages' is an empty conversation"
-    for turn in messages:
-        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
-            return f"each message needs a role in {sorted(ROLES)} and a string content, got {turn!r}"[:300]
+    problem = _turns_problem(messages, "messages")
+    if problem:
+        return problem
     if not any(turn["role"] == "assistant" for turn in messages):
         return "no assistant message: nothing to learn from this conversation"
+    return None
+
+
+def _turns_problem(turns: list, column: str) -> str | None:
+    if not turns:
+        return f"'{column}' is an empty list of messages"
+    for number, turn in enumerate(turns, 1):
+        where = f"'{column}' message {number}"
+        if not isinstance(turn, dict):
+            return f"{where} is {type(turn).__name__}, not a mapping with a role and a content"
+        if turn.get("role") not in ROLES:
+            return f"{where} has role {turn.get('role')!r}; a role is one of {', '.join(sorted(ROLES))}"
+        if not isinstance(turn.get("content"), str):
+            return f"{where} has no string 'content'"
     return None
 
 
@@ -103,12 +224,20 @@ def _weighted(ds, weight: float, seed: int):
     return datasets.concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0]
 
 
-def _mix(sets: list, where: str):
+def _mix(items: list[tuple[str, object]], where: str):
+    """Concatenate (key, dataset) pairs: same format, and the same column types (datasets cannot align others)."""
     import datasets
 
-    if len(sets) == 1:
-        return sets[0]
-    columns = {tuple(sorted(s.column_names)) for s in sets}
-    if len(columns) > 1:
-        raise RecipeError(f"{where}: data sets to mix have different formats ({sorted(columns)}); use one format")
-    return datasets.concatenate_datasets(sets)
+    if len(items) == 1:
+        return items[0][1]
+    formats = {key: "+".join(sorted(ds.column_names)) for key, ds in items}
+    if len(set(formats.values())) > 1:
+        listed = ", ".join(f"{key} is {fmt}" for key, fmt in formats.items())
+        raise RecipeError(f"{where}: data sets to mix have different formats ({listed}); use one format")
+    try:
+        return datasets.concatenate_datasets([ds for _, ds in items])
+    except ValueError as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise RecipeError(f"{where}: {', '.join(formats)} cannot be mixed: their rows are built differently "
+                          f"({reason}); give the rows of every file the same keys (the same keys in every "
+                          "message too)") from None

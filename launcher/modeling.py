@@ -2,18 +2,45 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from launcher.errors import RecipeError
 from launcher.schema import Recipe
 
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # one class in transformers 5
 
-def load_tokenizer(recipe: Recipe):
-    from transformers import AutoTokenizer
 
+def load_tokenizer(recipe: Recipe, local_files_only: bool = False, quick: bool = False):
+    """The recipe's tokenizer (model.tokenizer, else the model's). local_files_only: no download (hub cache only).
+
+    quick (pre-flight): a local tokenizer whose files declare transformers' generic class is loaded with that class
+    directly; AutoTokenizer returns the same class for them but first imports torch and the model's config classes
+    (about 4 s). Chat templates, special tokens and assistant masks are the same either way."""
     m = recipe.model
-    tokenizer = AutoTokenizer.from_pretrained(m.tokenizer or m.name_or_path, trust_remote_code=m.trust_remote_code)
+    ref = m.tokenizer or m.name_or_path
+    if quick and _declares_generic_class(ref):
+        from transformers import TokenizersBackend
+
+        tokenizer = TokenizersBackend.from_pretrained(ref, local_files_only=True)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=m.trust_remote_code,
+                                                  local_files_only=local_files_only)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _declares_generic_class(ref: str) -> bool:
+    directory = Path(ref)
+    try:
+        config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return ((directory / "tokenizer.json").is_file() and isinstance(config, dict) and "auto_map" not in config
+            and config.get("tokenizer_class") in GENERIC_TOKENIZERS)
 
 
 def load_model(recipe: Recipe, on_gpu: bool):

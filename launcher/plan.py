@@ -11,7 +11,7 @@ from launcher import recipe as recipes
 from launcher.ds_config import Batch
 from launcher.errors import RecipeError
 from launcher.schema import Recipe
-from launcher.topology import Topology, deepspeed_command, generated_hostfile, shell_line, thread_env
+from launcher.topology import Topology, deepspeed_command, generated_hostfile, rank_env, shell_line
 
 
 @dataclass
@@ -50,7 +50,7 @@ def make(recipe_path: str, overrides: dict[str, Any], topology: Topology) -> Pla
     hostfile = str(run_dir / "hostfile") if topology.nnodes > 1 and not topology.hostfile else None
     command = deepspeed_command(topology, [str(run_dir / "recipe.yaml")], hostfile)
     params, estimate = memory_line(recipe, config, ds, topology)
-    return Plan(recipe_path, recipe, topology, ds, batch, thread_env(topology), command, estimate, params)
+    return Plan(recipe_path, recipe, topology, ds, batch, rank_env(topology), command, estimate, params)
 
 
 def check_lora_targets(recipe: Recipe, config: dict | None, where: str) -> None:

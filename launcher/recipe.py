@@ -87,6 +87,10 @@ def check_combinations(recipe: Recipe, where: str) -> None:
     if recipe.lora and recipe.model.init == "random":
         schema.fail(where, "model.init", "is random, but LoRA adapts a pretrained model: a random base could not be "
                     "merged with the adapter later; use init: pretrained")
+    report_to = recipe.training.get("report_to") or []
+    if "wandb" in ([report_to] if isinstance(report_to, str) else report_to):
+        schema.fail(where, "training.report_to", "includes wandb; W&B is set up by the wandb section (one run per "
+                    "job, resumed with the job): remove it from report_to")
     if recipe.training.get("eval_strategy", "no") != "no" and not recipe.data.eval and not recipe.data.eval_fraction:
         schema.fail(where, "training.eval_strategy", "asks for evaluation but there is no data.eval and "
                     "data.eval_fraction is 0")

@@ -120,6 +120,20 @@ class SlurmSection:
 
 
 @dataclass
+class WandbSection:
+    project: str = doc("W&B project.")
+    entity: str | None = doc("Team or user; default: your W&B default.", default=None)
+    name: str | None = doc("Run name; default: run.name plus the Slurm job id or a timestamp.", default=None)
+    group: str | None = doc("Group runs together (sweeps, ablations).", default=None)
+    tags: list[str] = doc("Tags.", factory=list)
+    notes: str | None = doc("Free text shown with the run.", default=None)
+    mode: Literal["online", "offline", "disabled"] = doc(
+        "online needs WANDB_API_KEY or `wandb login`; offline writes files to upload later with `wandb sync`.",
+        default="online")
+    log_model: bool = doc("Upload the consolidated model as an artifact (can be large).", default=False)
+
+
+@dataclass
 class Recipe:
     run: RunSection = doc("Name and place of the run.")
     model: ModelSection = doc("What to fine-tune.")
@@ -128,6 +142,7 @@ class Recipe:
     deepspeed: DeepSpeedSection = doc("ZeRO configuration.", factory=DeepSpeedSection)
     lora: LoraSection | None = doc("Parameter-efficient fine-tuning; absent = full fine-tune.", default=None)
     slurm: SlurmSection = doc("Cluster job options for `launcher submit`.", factory=SlurmSection)
+    wandb: WandbSection | None = doc("Weights & Biases tracking; absent = none.", default=None)
 
 
 # --- conversion of plain YAML data into the dataclasses above, strictly -------------------------------------------
@@ -241,6 +256,7 @@ LAUNCHER_OWNED = {
     "deepspeed": "the ZeRO config is deepspeed.config (and deepspeed.overrides)",
     "use_cpu": "the launcher sets it when there is no GPU",
     "local_rank": "the launcher sets it",
+    "run_name": "the W&B run name is wandb.name",
 }
 
 TRAINING_CHECKS = {

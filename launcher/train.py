@@ -14,7 +14,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from launcher import checkpoints, data, ds_config, modeling, rundir
+from launcher import checkpoints, data, ds_config, modeling, rundir, tracking
 from launcher import recipe as recipes
 from launcher.consolidate import resolve_checkpoint
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
@@ -61,6 +61,7 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
     # --- recipe: validated and resolved exactly as `plan` did, for the world size these ranks form
     ds, batch = ds_config.resolve(recipe, world, recipes.model_config(recipe, recipe_path), recipe_path)
     run_dir = Path(recipe.run.output_dir)
+    tracking.check_credentials(recipe, recipe_path)
     resume = checkpoints.resume_point(run_dir, recipe.run.resume, world)
     if resume and checkpoints.finished(resume):
         if rank == 0:
@@ -102,9 +103,13 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
                                      recipe.training.get("save_total_limit")), *([stopper] if stopper else [])]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    tracker = None
     if rank == 0:
         start = f", resuming from {resume.name}" if resume else ""
         print(f"training {recipe.run.name}: {len(train_set)} rows, {batch}{start}", flush=True)
+        tracker = start_tracking(recipe, run_dir, ds, world, str(batch), model)
+        if tracker:
+            trainer.add_callback(tracking.make_callback(tracker, world, parameter_count(model)))
 
     # --- train; the final step always writes a sharded checkpoint
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -116,6 +121,8 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
     if rank != 0:
         return
     if stopper and stopper.stopped_at is not None:
+        if tracker:
+            tracker.finish()
         rundir.write_atomic(run_dir / STOPPED, json.dumps({"step": stopper.stopped_at}) + "\n")
         print(f"stopped at step {stopper.stopped_at} on request, with a complete checkpoint; the same command "
               "continues the run", flush=True)
@@ -128,6 +135,25 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
 
         unset_hf_deepspeed_config()  # else building the model to merge into would start a ZeRO-3 partition
         consolidate(str(run_dir), str(run_dir / "final"), overwrite=True)  # its newest complete checkpoint
+    if tracker:
+        if recipe.wandb.log_model and (run_dir / "final").is_dir():
+            tracking.log_model(tracker, run_dir / "final", recipe.run.name)
+        tracker.finish()
+
+
+def start_tracking(recipe, run_dir: Path, ds: dict, world: int, batch: str, model):
+    if recipe.wandb is None or recipe.wandb.mode == "disabled":
+        return None
+    nodes = int(os.environ.get("CROSS_SIZE", "1"))  # set by DeepSpeed's launcher
+    config = tracking.run_config(recipes.to_dict(recipe), ds, world, nodes, batch, run_dir)
+    run = tracking.start(recipe, run_dir, config)
+    print(f"W&B run {run.id} ({recipe.wandb.mode}): {run.url or run_dir / 'wandb'}", flush=True)
+    return run
+
+
+def parameter_count(model) -> int:
+    """All parameters; under ZeRO-3 each rank holds a slice, and ds_numel is the whole tensor's size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 def start_run_dir(run_dir: Path, recipe, ds: dict, resume: Path | None) -> None:

@@ -26,12 +26,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(recipe: Path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
+def launch(recipe: Path, *flags, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
     """Launch, and return the result with the plan that `plan` prints for the same arguments."""
     args = [recipe, "--master_port", free_port(), *flags]
     planned = cli("plan", *args, "--format", "json")
     assert planned.returncode == 0, planned.stderr
-    result = cli("launch", *args)
+    result = cli("launch", *args, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     return result, json.loads(planned.stdout)
 

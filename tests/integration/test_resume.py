@@ -37,11 +37,11 @@ def weights(model_dir: Path) -> dict:
     return {name: t for shard in sorted(model_dir.glob("*.safetensors")) for name, t in load_file(shard).items()}
 
 
-def kill_after_first_checkpoint(recipe: Path, run_dir: Path) -> int:
+def kill_after_first_checkpoint(recipe: Path, run_dir: Path, env: dict | None = None) -> int:
     """Start a launch, SIGKILL the launcher and every rank once a checkpoint is complete; return its step."""
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "launch", recipe, "--nproc_per_node", "2",
                              "--master_port", str(free_port())], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 300
     while not complete_steps(run_dir):
         assert proc.poll() is None and time.monotonic() < deadline, "no complete checkpoint before the run ended"

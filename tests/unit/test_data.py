@@ -94,5 +94,5 @@ def test_formats_that_cannot_mix(recipe_factory, tmp_path):
 def test_unreadable_file(recipe_factory, tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"messages": [\n')
-    with pytest.raises(RecipeError, match="could not be read"):
+    with pytest.raises(RecipeError, match=r"broken.jsonl: line 1: not valid JSON"):
         load(recipe_factory, train=[{"path": str(path)}])

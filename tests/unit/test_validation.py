@@ -150,3 +150,16 @@ def test_a_finished_run_is_not_trained_again(recipe_factory, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "already trained to the end (checkpoint-150); nothing to do" in result.stdout
     assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing started, nothing written
+
+
+def test_online_wandb_without_a_key_is_refused_before_launch(recipe_factory, tmp_path):
+    recipe = recipe_factory(wandb={"project": "p", "mode": "online"})
+    env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_MODE": ""}
+    assert_rejected(cli("launch", recipe, "--nproc_per_node", 2, env=env), str(recipe), "wandb.mode is online",
+                    "WANDB_API_KEY")
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_to_wandb_is_left_to_the_wandb_section(recipe_factory):
+    assert_rejected(cli("plan", recipe_factory(training={"report_to": ["wandb"]})), "training.report_to",
+                    "wandb section")

@@ -1,0 +1,122 @@
+"""Weights & Biases: one W&B run per training run, continued across resumes and requeues, opened by global rank 0.
+
+Lineage both ways: <run dir>/wandb.json holds the W&B run id and URL; the W&B config holds the run directory and
+the Slurm job. Credentials stay in the environment (WANDB_API_KEY or `wandb login`): never in the config or a file
+the launcher writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+from launcher.errors import RecipeError
+from launcher.schema import Recipe
+
+RECORD = "wandb.json"
+
+# Dense bf16 peak FLOP/s per device, for model FLOPs utilisation; devices not listed get no MFU.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+              "V100": 125e12}
+
+
+def check_credentials(recipe: Recipe, where: str) -> None:
+    """Online tracking without a key fails when the first rank starts, hours into a queue: say so now."""
+    if recipe.wandb is None or recipe.wandb.mode != "online" or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    logged_in = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    if not os.environ.get("WANDB_API_KEY") and not logged_in:
+        raise RecipeError(f"{where}: wandb.mode is online but no W&B key is set: export WANDB_API_KEY, run "
+                          "`wandb login`, or use wandb.mode: offline (and `wandb sync` later)")
+
+
+def default_name(recipe: Recipe) -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{recipe.run.name}-{job}" if job else f"{recipe.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def start(recipe: Recipe, run_dir: Path, config: dict):
+    """Open (or continue) this run's W&B run; rank 0 only. The id stored in the run directory makes a resumed or
+    requeued job continue the same W&B run rather than start a second one."""
+    import wandb
+
+    w = recipe.wandb
+    record = run_dir / RECORD
+    stored = json.loads(record.read_text()) if record.is_file() else {}
+    run = wandb.init(project=w.project, entity=w.entity, name=stored.get("name") or w.name or default_name(recipe),
+                     group=w.group, tags=w.tags, notes=w.notes, mode=w.mode, dir=str(run_dir),
+                     id=stored.get("id") or uuid.uuid4().hex[:8], resume="allow", config=config)
+    run.define_metric("*", step_metric="train/global_step", step_sync=True)
+    from launcher.rundir import write_atomic
+
+    write_atomic(record, json.dumps({"id": run.id, "name": run.name, "project": w.project, "entity": w.entity,
+                                     "mode": w.mode, "url": run.url}, indent=2) + "\n")
+    return run
+
+
+def run_config(recipe_dict: dict, ds: dict, world: int, nodes: int, batch: str, run_dir: Path) -> dict:
+    env = json.loads((run_dir / "environment.json").read_text()) if (run_dir / "environment.json").is_file() else {}
+    slurm = {k: os.environ[v] for k, v in (("job_id", "SLURM_JOB_ID"), ("nodelist", "SLURM_JOB_NODELIST"),
+                                           ("restart", "SLURM_RESTART_COUNT")) if v in os.environ}
+    return {"recipe": recipe_dict, "deepspeed": ds, "world_size": world, "nodes": nodes,
+            "ranks_per_node": world // max(nodes, 1), "batch": batch, "run_dir": str(run_dir),
+            "versions": env.get("versions"), "git": env.get("git"), "slurm": slurm or None}
+
+
+def peak_flops() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def make_callback(run, world: int, params: int):
+    """Logs what the trainer logs, plus throughput: tokens/s overall and per device (TRL's `num_tokens` counts
+    non-padding tokens over all ranks), and on known GPUs the model FLOPs utilisation, 6 x params x tokens/s over the
+    devices' peak."""
+    from transformers import TrainerCallback
+
+    peak = peak_flops()
+
+    class Tracker(TrainerCallback):
+        def __init__(self):
+            self.last = None  # (time, num_tokens) at the previous log
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last = (time.monotonic(), None)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            tokens = logs.get("num_tokens")
+            now = time.monotonic()
+            if tokens is not None and self.last is not None:
+                since, before = self.last
+                counted = tokens - before if before is not None and tokens >= before else tokens
+                rate = counted / max(now - since, 1e-9)
+                logs.update(tokens_per_second=rate, tokens_per_second_per_device=rate / world)
+                if peak:
+                    logs["mfu"] = 6 * params * rate / (peak * world)
+                self.last = (now, tokens)
+            prefix = "eval/" if any(k.startswith("eval_") for k in logs) else "train/"
+            metrics = {(f"eval/{k[5:]}" if k.startswith("eval_") else prefix + k): v for k, v in logs.items()
+                       if isinstance(v, (int, float))}
+            run.log({**metrics, "train/global_step": state.global_step})
+
+        def on_train_end(self, args, state, control, **kwargs):
+            run.summary["train/global_step"] = state.global_step
+
+    return Tracker()
+
+
+def log_model(run, model_dir: Path, name: str) -> None:
+    import wandb
+
+    artifact = wandb.Artifact(f"{name}-model", type="model")
+    artifact.add_dir(str(model_dir))
+    run.log_artifact(artifact)
