@@ -68,7 +68,8 @@ def _load_one(spec: DatasetSpec, where: str, key: str):
         problem = file_problem(local) if local.is_file() else None
         if problem:
             raise RecipeError(f"{spec.path}: {problem} ({key} in {where})") from None
-        raise RecipeError(f"{where}: {key} '{spec.path}' could not be read: {_reason(err)}") from None
+        hint = f"; check that it is a valid {local.suffix} file" if local.is_file() else ""
+        raise RecipeError(f"{where}: {key} '{spec.path}' could not be read: {_reason(err)}{hint}") from None
     ds = _rename(ds, spec, where, key)
     fmt = detect_format(ds.column_names, where, key, spec.path)
     ds = ds.select_columns(list(FORMATS[fmt]))
@@ -164,10 +165,17 @@ def detect_format(columns: list[str], where: str, key: str, path: str) -> str:
 
 def check_rows(ds, fmt: str, path: str) -> None:
     """Fail on the first malformed row, by its 1-based row number, before any rank trains on it."""
-    for number, row in enumerate(ds, 1):
-        problem = _row_problem(row, fmt)
-        if problem:
-            raise RecipeError(f"{path}: row {number}: {problem}; fix or remove that row")
+    number = 0
+    try:
+        for number, row in enumerate(ds, 1):
+            problem = _row_problem(row, fmt)
+            if problem:
+                raise RecipeError(f"{path}: row {number}: {problem}; fix or remove that row")
+    except UnicodeDecodeError:  # pyarrow's JSON reader lets bytes that are not UTF-8 through, into the strings
+        local = Path(path)
+        problem = file_problem(local) if local.is_file() else None
+        raise RecipeError(f"{path}: {problem or f'row {number + 1}: not UTF-8 text; re-encode the file as UTF-8'}"
+                          ) from None
 
 
 def _row_problem(row: dict, fmt: str) -> str | None:
@@ -236,8 +244,10 @@ def _mix(items: list[tuple[str, object]], where: str):
         raise RecipeError(f"{where}: data sets to mix have different formats ({listed}); use one format")
     try:
         return datasets.concatenate_datasets([ds for _, ds in items])
-    except ValueError as err:
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise RecipeError(f"{where}: {', '.join(formats)} cannot be mixed: their rows are built differently "
-                          f"({reason}); give the rows of every file the same keys (the same keys in every "
-                          "message too)") from None
+    except ValueError:  # datasets' message prints whole feature types; name the column and the datasets instead
+        (first, base), *rest = items
+        other, column = next(((key, c) for key, ds in rest for c in base.column_names
+                              if ds.features[c] != base.features[c]), (rest[0][0], base.column_names[0]))
+        raise RecipeError(f"{where}: {first} and {other} cannot be mixed: their '{column}' values are built "
+                          "differently (keys that some rows or messages have and others lack, or other types); "
+                          "give every row the same keys") from None

@@ -28,49 +28,58 @@ def check(recipe: Recipe, where: str) -> None:
         tokenizer = _tokenizer(recipe, where)
         if tokenizer is None:
             return
-        template, source = _chat_template(recipe, tokenizer)
-        if template is not False:
-            _check_template(recipe, where, tokenizer, template, source, sets)
+        known = _chat_template(recipe, tokenizer)
+        if known is not None:
+            _check_template(recipe, where, tokenizer, *known, sets)
 
 
-def _data(recipe: Recipe, where: str) -> dict:
-    """{'data.train' | 'data.eval': (dataset, its first local file)} for the local datasets."""
-    import datasets
-
+def _data(recipe: Recipe, where: str) -> list[tuple[str, str, object]]:
+    """(key, path, dataset) for each local dataset, loaded, checked and mixed as the worker does."""
     from launcher import data, ds_config
 
+    if not any(data.is_local(spec) for spec in [*recipe.data.train, *recipe.data.eval]):
+        return []  # all on the hub: nothing to import datasets for
+    import datasets
+
     datasets.disable_progress_bars()  # this process only starts ranks; they show their own progress
-    train, evaluation = data.load(recipe, where, ds_config.training_value(recipe, "seed"), local_only=True)
-    out = {}
-    for section, ds in (("train", train), ("eval", evaluation)):
-        if ds is not None:
-            specs = [s for s in getattr(recipe.data, section) or recipe.data.train if data.is_local(s)]
-            out[f"data.{section}"] = (ds, specs[0].path)
-    return out
+    loaded: list = []
+    data.load(recipe, where, ds_config.training_value(recipe, "seed"), local_only=True, loaded=loaded)
+    return loaded
 
 
 def _tokenizer(recipe: Recipe, where: str):
     """The tokenizer the ranks will load, or None when it is on the hub and not in the local cache."""
+    ref = recipe.model.tokenizer or recipe.model.name_or_path
+    key = "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path"
+    local = Path(ref).is_dir()
+    if not local and not _in_hub_cache(ref):
+        return None  # not downloaded yet: the ranks download it
     from transformers.utils import logging
 
     from launcher import modeling
 
     logging.set_verbosity_error()
-    ref = recipe.model.tokenizer or recipe.model.name_or_path
-    key = "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path"
-    local = Path(ref).is_dir()
     try:
         return modeling.load_tokenizer(recipe, local_files_only=True, quick=True)
     except Exception as err:  # transformers raises OSError, ValueError, ... naming what is missing
         if not local:
-            return None  # not downloaded yet: the ranks download it
+            return None  # partly cached: the ranks download the rest
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise RecipeError(f"{ref}: the tokenizer ({key} in {where}) could not be loaded: {reason}; point {key} at "
-                          "a directory holding tokenizer.json (or the tokenizer's own files)") from None
+        raise RecipeError(f"{ref}: the tokenizer ({key} in {where}) could not be loaded: {reason}; check its files "
+                          f"(tokenizer.json, tokenizer_config.json), or point {key} at another tokenizer") from None
 
 
-def _chat_template(recipe: Recipe, tokenizer) -> tuple[str | None | bool, str]:
-    """(the chat template TRL will use, where it comes from); False when it cannot be known here."""
+def _in_hub_cache(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo, "tokenizer_config.json"), str)
+    except Exception:  # not a valid repo id either: the ranks will say so
+        return False
+
+
+def _chat_template(recipe: Recipe, tokenizer) -> tuple[str | None, str] | None:
+    """(the chat template TRL will use or None, where it comes from), or None when it cannot be known here."""
     ref = recipe.model.tokenizer or recipe.model.name_or_path
     override = recipe.training.get("chat_template_path")
     if not override:
@@ -81,27 +90,27 @@ def _chat_template(recipe: Recipe, tokenizer) -> tuple[str | None | bool, str]:
     path = Path(override)
     if path.is_file() and path.suffix in (".jinja", ".j2"):  # as SFTTrainer reads training.chat_template_path
         return path.read_text(encoding="utf-8"), str(path)
-    return False, override  # a tokenizer to clone the template from: TRL checks it
+    return None  # a tokenizer to clone the template from, maybe on the hub: TRL checks it
 
 
-def _check_template(recipe: Recipe, where: str, tokenizer, template: str | None, source: str, sets: dict) -> None:
+def _check_template(recipe: Recipe, where: str, tokenizer, template: str | None, source: str, sets: list) -> None:
     from launcher import data
 
-    chats = {key: (ds, path) for key, (ds, path) in sets.items() if data.is_conversational(ds)}
+    chats = [(key, path, ds) for key, path, ds in sets if data.is_conversational(ds)]
     if chats and not template:
-        key, (_, path) = next(iter(chats.items()))
+        key, path, _ = chats[0]
         raise RecipeError(f"{source}: no chat template, but {path} ({key}) holds chat messages, which are rendered "
                           "with one; set training.chat_template_path to a .jinja template, or model.tokenizer to a "
                           "tokenizer that has a chat template")
     if recipe.training.get("assistant_only_loss"):
-        for key, (_ds, path) in sets.items():
-            if key not in chats:
+        for key, path, ds in sets:
+            if not data.is_conversational(ds):
                 raise RecipeError(f"{where}: training.assistant_only_loss is true, but {path} ({key}) is not chat "
                                   "messages; TRL masks assistant turns only in conversations: set "
                                   "training.assistant_only_loss: false")
         if chats:
             template = _training_template(tokenizer, template, source)
-    for key, (ds, path) in chats.items():
+    for key, path, ds in chats:
         _render_first_row(recipe, tokenizer, template, ds, key, path)
 
 
