@@ -13,7 +13,7 @@ import sys
 
 from launcher import checkpoints, preflight, rundir, topology, tracking
 from launcher import plan as plans
-from launcher.errors import RecipeError, exits_cleanly
+from launcher.errors import EXIT_BAD_INPUT, RecipeError, exits_cleanly
 from launcher.schema import did_you_mean
 
 LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "hostfile")
@@ -60,6 +60,8 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
         print(f"{resolved.run_dir}: already trained to the end ({resume.name}); nothing to do", flush=True)
         return
     tracking.check_credentials(resolved.recipe, recipe)
+    if resume is not None:  # a changed recipe is refused before seconds of data loading
+        rundir.check_same_recipe(resolved.run_dir, resolved.files()["recipe.yaml"])
     preflight.check(resolved.recipe, recipe)
     rundir.prepare(resolved.run_dir, resolved.files(), resuming=resume is not None)
     print(f"run directory {resolved.run_dir}\n{resolved.batch}\n{topo}", flush=True)
@@ -68,9 +70,9 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     print(topology.shell_line(resolved.env, resolved.command), flush=True)
     result = subprocess.run(resolved.command, env={**os.environ, **resolved.env})
     final = resolved.run_dir / "final"
-    if result.returncode != 0:
+    if result.returncode not in (0, EXIT_BAD_INPUT):  # bad input: the rank's own line says it all
         print(f"error: training failed (deepspeed exit code {result.returncode}); the failing rank's error is "
-              f"above; the run can be continued from its newest complete checkpoint by the same command",
+              f"above; the same command continues the run from its newest complete checkpoint",
               file=sys.stderr, flush=True)
     elif topo.node_rank == 0:
         print(f"finished: {final if final.is_dir() else resolved.run_dir}", flush=True)
@@ -123,8 +125,21 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
 
 
 @exits_cleanly
-def train(recipe: str, **overrides) -> None:
-    """Train in this process as a single rank: the quick debug run of a recipe on one GPU or the CPU."""
+def train(recipe: str, dry_run: bool = False, tiny: bool = False, nproc_per_node: int | None = None,
+          nnodes: int | None = None, **overrides) -> None:
+    """Train in this process as a single rank: the quick debug run of a recipe on one GPU or the CPU.
+
+    --dry_run: 3 steps on 64 rows into a throwaway run directory, then consolidate, reload and generate; prints a
+    report, one line per stage, and fails naming the stage. --tiny (with --dry_run): the same architecture at a toy
+    size, random weights: no download of the model, no GPU needed. --nproc_per_node/--nnodes: the real run's ranks,
+    for the dry run's batch check and memory estimate (default: the recipe's slurm section, else 1 x 1)."""
+    if (tiny or nproc_per_node or nnodes) and not dry_run:
+        raise RecipeError("command line: --tiny, --nproc_per_node and --nnodes go with --dry_run")
+    if dry_run:
+        from launcher import dry_run as dry
+
+        dry.run(recipe, _split(overrides), bool(tiny), nproc_per_node, nnodes)
+        return
     from launcher import train as worker
 
     worker.run(recipe, _split(overrides))

@@ -81,6 +81,10 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
     seed = ds_config.training_value(recipe, "seed")
 
     # --- tokenizer and data
+    if rank != 0:  # one set of progress bars, not one per rank, ahead of any error line
+        import datasets
+
+        datasets.disable_progress_bars()
     tokenizer = modeling.load_tokenizer(recipe)
     train_set, eval_set = data.load(recipe, recipe_path, seed)
 

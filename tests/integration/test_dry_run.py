@@ -1,0 +1,91 @@
+"""`launcher train RECIPE --dry_run --tiny` on CPU: every shipped recipe passes, broken recipes fail at the stage
+that is wrong, with one clear line. The real-model recipes read the shipped UltraChat-schema sample instead of the
+hub dataset (offline), and get the stand-in Llama 3.1 tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, cli, smoke_recipe
+
+pytestmark = pytest.mark.integration
+
+SAMPLE = REPO / "recipes" / "stand-ins" / "ultrachat_sample.jsonl"
+OFFLINE_DATA = (f"--data.train.0.path={SAMPLE}", f"--data.eval.0.path={SAMPLE}")
+STAGES = ("recipe valid", "tiny model", "dataset", "tokens/example", "loss tokens", "LoRA targets", "train",
+          "memory", "checkpoint", "consolidate", "reload", "generate")
+GATHER = {"overrides": {"zero_optimization": {"stage3_gather_16bit_weights_on_model_save": True}}}
+
+
+def dry_run(recipe: Path, tmp_path: Path, *flags: str, tiny: bool = True):
+    return cli("train", recipe, "--dry_run", *(["--tiny"] if tiny else []), f"--run.output_dir={tmp_path / 'run'}",
+               *flags)
+
+
+def assert_passed(result, tmp_path: Path, tiny: bool = True) -> str:
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = result.stdout[result.stdout.index("--- dry run report"):]
+    for stage in STAGES if tiny else [s for s in STAGES if s != "tiny model"]:
+        assert f"PASS  {stage}" in report, f"stage {stage} missing:\n{report}"
+    assert "FAIL" not in report
+    assert not (tmp_path / "run").exists()  # the throwaway directory is beside the real run, never the real run
+    return report
+
+
+def assert_failed_at(result, stage: str, *words: str) -> None:
+    assert result.returncode != 0, result.stdout[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: dry run failed at stage '{stage}': "), result.stderr[-3000:]
+    for word in words:
+        assert word in last, last
+    assert f"FAIL  {stage}" in result.stdout
+
+
+@pytest.mark.parametrize("tiny", [True, False], ids=["tiny", "real-weights"])
+def test_smoke_recipe_passes(tmp_path, tiny):
+    report = assert_passed(dry_run(REPO / "recipes" / "smoke.yaml", tmp_path, tiny=tiny), tmp_path, tiny)
+    assert "<|assistant|>«" in report  # the answer after the assistant tag carries the loss
+    assert "0% truncated" in report and "STAND-IN" not in report and ("PASS  tiny model" in report) == tiny
+
+
+def test_tiny_goes_with_dry_run():
+    result = cli("train", REPO / "recipes" / "smoke.yaml", "--tiny")
+    assert result.returncode != 0 and "--tiny, --nproc_per_node and --nnodes go with --dry_run" in result.stderr
+
+
+@pytest.mark.parametrize("recipe", ["llama-3.1-8b/full.yaml", "llama-3.1-8b/lora.yaml",
+                                    "llama-3.1-70b/lora_offload.yaml"])
+def test_real_model_recipe_passes_offline(tmp_path, recipe):
+    report = assert_passed(dry_run(REPO / "recipes" / recipe, tmp_path, "--nproc_per_node", "8", *OFFLINE_DATA),
+                           tmp_path)
+    for said in ("STAND-IN tokenizer", "data from the command line", "flash_attention_2 -> sdpa", "bf16/fp16 off",
+                 "vocab 128256", "<|start_header_id|>assistant<|end_header_id|>"):
+        assert said in report, said
+
+
+def test_template_under_which_no_token_carries_loss(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(REPO / "recipes" / "smoke" / "model", model)
+    template = model / "chat_template.jinja"  # the answer moved out of the (now empty) generation block
+    template.write_text(template.read_text().replace("{% generation %}{{ m['content'] }}{{ eos_token }}",
+                                                     "{{ m['content'] }}{{ eos_token }}{% generation %}"))
+    recipe = smoke_recipe(tmp_path, model={"name_or_path": str(model)})
+    assert_failed_at(dry_run(recipe, tmp_path), "loss tokens", "0% of tokens carry loss", "{% generation %}")
+
+
+def test_lora_targets_that_match_nothing(tmp_path):
+    recipe = smoke_recipe(tmp_path, lora={"target_modules": ["qkv_proj"]}, deepspeed=GATHER)
+    assert_failed_at(dry_run(recipe, tmp_path), "recipe valid", "qkv_proj", "matches no module")
+
+
+def test_every_example_longer_than_max_length(tmp_path):
+    recipe = smoke_recipe(tmp_path, training={"max_length": 8, "assistant_only_loss": False})
+    assert_failed_at(dry_run(recipe, tmp_path), "tokens/example", "100% truncated", "max_length 8")
+
+
+def test_zero3_lora_without_gathering_weights_on_save(tmp_path):
+    recipe = smoke_recipe(tmp_path, lora={"target_modules": "all-linear"})
+    assert_failed_at(dry_run(recipe, tmp_path), "recipe valid", "stage3_gather_16bit_weights_on_model_save")
