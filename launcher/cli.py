@@ -50,10 +50,16 @@ def plan(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_r
 @exits_cleanly
 def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_rank: int = 0,
            master_addr: str = "127.0.0.1", master_port: int = topology.DEFAULT_PORT, hostfile: str | None = None,
-           **overrides) -> None:
+           dry_run: bool = False, tiny: bool = False, **overrides) -> None:
     """Start this node's ranks with the real `deepspeed` launcher (multi-node: --nnodes/--node_rank/--master_addr,
-    no ssh needed; or --hostfile for DeepSpeed's own ssh start-up)."""
+    no ssh needed; or --hostfile for DeepSpeed's own ssh start-up). --dry_run [--tiny]: the dry run of `train`,
+    in this one process, planned for this launch's ranks; nothing is started."""
     topo = topology.from_flags(nproc_per_node, nnodes, node_rank, master_addr, master_port, hostfile)
+    if tiny and not dry_run:
+        raise RecipeError("command line: --tiny goes with --dry_run")
+    if dry_run:
+        return train(recipe, dry_run=dry_run, tiny=tiny, nproc_per_node=topo.slots[0], nnodes=topo.nnodes,
+                     **overrides)
     resolved = plans.make(recipe, _split(overrides), topo)
     resume = checkpoints.resume_point(resolved.run_dir, resolved.recipe.run.resume, topo.world)
     if resume and checkpoints.finished(resume):
@@ -82,9 +88,10 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
 @exits_cleanly
 def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = None, partition: str | None = None,
            time: str | None = None, account: str | None = None, qos: str | None = None, dry_run: bool = False,
-           **overrides) -> None:
+           preflight: bool = False, tiny: bool = False, **overrides) -> None:
     """Submit RECIPE as a Slurm job (flags override the recipe's `slurm` section); --dry_run prints the job script
-    and submits nothing. The job resumes from the run's newest complete checkpoint and requeues itself on USR1."""
+    and submits nothing. The job resumes from the run's newest complete checkpoint and requeues itself on USR1.
+    --preflight [--tiny]: first the dry run of `train` here, for the job's ranks; nothing is submitted if it fails."""
     from launcher import recipe as recipes
     from launcher import slurm
 
@@ -95,6 +102,11 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     if options.gpus_per_node is None:
         raise RecipeError(f"{recipe}: slurm.gpus_per_node is not set; pass --gpus_per_node (ranks per node)")
     topo = topology.Topology((options.gpus_per_node,) * options.nodes)
+    if tiny and not preflight:
+        raise RecipeError("command line: --tiny goes with --preflight")
+    if preflight:
+        train(recipe, dry_run=preflight, tiny=tiny, nproc_per_node=options.gpus_per_node, nnodes=options.nodes,
+              **overrides)  # exits non-zero, naming the stage, if any stage fails
     resolved = plans.make(recipe, overrides, topo)
     run_dir, rec = resolved.run_dir, resolved.recipe
     tracking.check_credentials(rec, recipe)

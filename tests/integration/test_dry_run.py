@@ -89,3 +89,17 @@ def test_every_example_longer_than_max_length(tmp_path):
 def test_zero3_lora_without_gathering_weights_on_save(tmp_path):
     recipe = smoke_recipe(tmp_path, lora={"target_modules": "all-linear"})
     assert_failed_at(dry_run(recipe, tmp_path), "recipe valid", "stage3_gather_16bit_weights_on_model_save")
+
+
+def test_launch_dry_run_plans_for_its_ranks_and_starts_none(tmp_path):
+    result = cli("launch", REPO / "recipes" / "smoke.yaml", "--nproc_per_node", 2, "--dry_run", "--tiny",
+                 f"--run.output_dir={tmp_path / 'run'}")
+    report = assert_passed(result, tmp_path)
+    assert "world size 2" in report and "deepspeed" not in result.stdout
+
+
+def test_submit_preflight_stops_a_broken_recipe_before_the_queue(tmp_path):
+    recipe = smoke_recipe(tmp_path, training={"max_length": 8})  # every example is longer
+    result = cli("submit", recipe, "--nodes", 2, "--gpus_per_node", 1, "--preflight", "--tiny")
+    assert_failed_at(result, "tokens/example", "100% truncated")
+    assert "submitted job" not in result.stdout and not (tmp_path / "run").exists()
