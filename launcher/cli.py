@@ -11,9 +11,10 @@ import shutil
 import subprocess
 import sys
 
-from launcher import checkpoints, preflight, rundir, topology, tracking
+from launcher import checkpoints, rundir, topology, tracking
 from launcher import plan as plans
 from launcher.errors import EXIT_BAD_INPUT, RecipeError, exits_cleanly
+from launcher.preflight import check as check_data_and_tokenizer
 from launcher.schema import did_you_mean
 
 LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "hostfile")
@@ -68,7 +69,7 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     tracking.check_credentials(resolved.recipe, recipe)
     if resume is not None:  # a changed recipe is refused before seconds of data loading
         rundir.check_same_recipe(resolved.run_dir, resolved.files()["recipe.yaml"])
-    preflight.check(resolved.recipe, recipe)
+    check_data_and_tokenizer(resolved.recipe, recipe)
     rundir.prepare(resolved.run_dir, resolved.files(), resuming=resume is not None)
     print(f"run directory {resolved.run_dir}\n{resolved.batch}\n{topo}", flush=True)
     if resume:
@@ -110,7 +111,7 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     resolved = plans.make(recipe, overrides, topo)
     run_dir, rec = resolved.run_dir, resolved.recipe
     tracking.check_credentials(rec, recipe)
-    preflight.check(rec, recipe)
+    check_data_and_tokenizer(rec, recipe)
     gpus = slurm.cluster_has_gpus()
     script = slurm.render(run_dir, rec.run.name, options, rec.run.consolidate, gpus)
     ranks = "GPU" if gpus else "CPU"

@@ -61,7 +61,7 @@ def history_of(recs: list) -> list[dict]:
 
 
 def test_one_wandb_run_across_a_resume_with_config_history_and_no_secrets(tmp_path):
-    wandb = {"project": "launcher-tests", "mode": "offline", "tags": ["ci"]}
+    wandb = {"project": "launcher-tests", "mode": "offline", "tags": ["ci"], "log_model": True}
     recipe = smoke_recipe(tmp_path, training=STEPS, wandb=wandb)
     run_dir = tmp_path / "run"
     k = kill_after_first_checkpoint(recipe, run_dir, env=SECRETS)
@@ -83,6 +83,11 @@ def test_one_wandb_run_across_a_resume_with_config_history_and_no_secrets(tmp_pa
     history = history_of(recs)
     trained = [h for h in history if "train/loss" in h]
     assert trained and all(h["train/tokens_per_second"] > 0 for h in trained)
+    # log_model: the consolidated model went in as an artifact, recorded for `wandb sync`
+    artifacts = [r.artifact for r in recs if r.WhichOneof("record_type") == "artifact"]
+    assert [a.type for a in artifacts] == ["model"]
+    assert "config.json" in {f.path for f in artifacts[0].manifest.contents}
+
     # the resumed segment continues the step axis where the checkpoint left it (what the killed segment had not yet
     # flushed to its file died with it: wandb-core buffers; a USR1 stop finishes the run cleanly instead)
     assert [h["train/global_step"] for h in trained] == list(range(k + 1, 17))
