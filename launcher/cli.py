@@ -70,7 +70,7 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     if resume is not None:  # a changed recipe is refused before seconds of data loading
         rundir.check_same_recipe(resolved.run_dir, resolved.files()["recipe.yaml"])
     check_data_and_tokenizer(resolved.recipe, recipe)
-    rundir.prepare(resolved.run_dir, resolved.files(), resuming=resume is not None)
+    rundir.prepare(resolved.run_dir, resolved.files())
     print(f"run directory {resolved.run_dir}\n{resolved.batch}\n{topo}", flush=True)
     if resume:
         print(f"resuming from {resume}", flush=True)
@@ -111,7 +111,8 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     resolved = plans.make(recipe, overrides, topo)
     run_dir, rec = resolved.run_dir, resolved.recipe
     tracking.check_credentials(rec, recipe)
-    check_data_and_tokenizer(rec, recipe)
+    if not preflight:  # the dry run has loaded and checked the data already
+        check_data_and_tokenizer(rec, recipe)
     gpus = slurm.cluster_has_gpus()
     script = slurm.render(run_dir, rec.run.name, options, rec.run.consolidate, gpus)
     ranks = "GPU" if gpus else "CPU"
@@ -130,7 +131,9 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
                           f"cancel it (scancel {active})")
     files = {"recipe.yaml": recipes.dump(rec), "ds_config.json": resolved.files()["ds_config.json"],
              slurm.SCRIPT: script}
-    rundir.prepare(run_dir, files, resuming=resume is not None)
+    if resume is not None:
+        rundir.check_same_recipe(run_dir, files["recipe.yaml"])
+    rundir.prepare(run_dir, files)
     (run_dir / "logs").mkdir(exist_ok=True)
     job = slurm.sbatch(run_dir / slurm.SCRIPT)
     print(f"{header}\n{'resuming from ' + resume.name if resume else 'new run'}\nsubmitted job {job}\n"

@@ -343,8 +343,9 @@ def _span(tokenizer, ids: list[int], carrying: bool) -> str:
 
 
 def lora_line(report: Report, model, recipe) -> None:
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    from launcher.train import parameter_count
+
+    total, trainable = parameter_count(model), parameter_count(model, trainable_only=True)
     if recipe.lora is None:
         report.add("LoRA targets", f"none (full fine-tune); {trainable:,} of {total:,} parameters trainable")
         return

@@ -17,10 +17,8 @@ from launcher.errors import RecipeError
 PACKAGES = ("launcher", "torch", "transformers", "trl", "peft", "deepspeed", "accelerate", "datasets", "wandb")
 
 
-def prepare(run_dir: Path, files: dict[str, str], resuming: bool) -> None:
-    """Create the run directory and write `files`; a resumed run must have the recipe it started with."""
-    if resuming:
-        check_same_recipe(run_dir, files["recipe.yaml"])
+def prepare(run_dir: Path, files: dict[str, str]) -> None:
+    """Create the run directory and write `files` (a resumed run has passed check_same_recipe first)."""
     for name, text in files.items():
         write_atomic(run_dir / name, text)
 

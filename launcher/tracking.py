@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 from launcher.errors import RecipeError
+from launcher.rundir import write_atomic
 from launcher.schema import Recipe
 
 RECORD = "wandb.json"
@@ -51,8 +52,6 @@ def start(recipe: Recipe, run_dir: Path, config: dict):
                      group=w.group, tags=w.tags, notes=w.notes, mode=w.mode, dir=str(run_dir),
                      id=stored.get("id") or uuid.uuid4().hex[:8], resume="allow", config=config)
     run.define_metric("*", step_metric="train/global_step", step_sync=True)
-    from launcher.rundir import write_atomic
-
     write_atomic(record, json.dumps({"id": run.id, "name": run.name, "project": w.project, "entity": w.entity,
                                      "mode": w.mode, "url": run.url}, indent=2) + "\n")
     return run

@@ -155,9 +155,9 @@ def start_tracking(recipe, run_dir: Path, ds: dict, world: int, batch: str, mode
     return run
 
 
-def parameter_count(model) -> int:
-    """All parameters; under ZeRO-3 each rank holds a slice, and ds_numel is the whole tensor's size."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+def parameter_count(model, trainable_only: bool = False) -> int:
+    """All (or the trainable) parameters; under ZeRO-3 each rank holds a slice, ds_numel is the whole tensor's size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def start_run_dir(run_dir: Path, recipe, ds: dict, resume: Path | None) -> None:
