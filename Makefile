@@ -5,12 +5,12 @@ PY    := $(VENV)/bin/python
 
 .PHONY: setup smoke test test-unit lint bench
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet --no-build-isolation deepspeed
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install --quiet --no-build-isolation -c constraints.txt deepspeed
+	$(PY) -m pip install --quiet --no-build-isolation -c constraints.txt -e '.[dev]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -13,6 +13,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "smoke.yaml"
 
+# Hermetic runs: no hub look-ups (there is no network here, and a look-up that hangs instead of failing would stall a
+# test), and Hugging Face caches of this test session only, so nothing a previous run left behind is read back.
+# Every process the tests start inherits this.
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+if "LAUNCHER_TEST_HF_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["LAUNCHER_TEST_HF_HOME"] = tempfile.mkdtemp(prefix="launcher-test-hf-")
+os.environ["HF_HOME"] = os.environ["LAUNCHER_TEST_HF_HOME"]
+
 
 def cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m launcher ARGS` as a user would, capturing output."""
