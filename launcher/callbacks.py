@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -53,4 +54,16 @@ class StopOnRequest(TrainerCallback):
             self.stopped_at = state.global_step
             if state.is_world_process_zero:
                 print(f"stop requested: saving a checkpoint at step {state.global_step} and stopping", flush=True)
+        return control
+
+
+class Perplexity(TrainerCallback):
+    """SFT: eval_perplexity = exp(eval_loss) beside every eval loss, in the log history and in what is logged next
+    (W&B). Must come before the tracking callback."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))  # capped: a diverged run stays finite
+            if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
+                state.log_history[-1]["eval_perplexity"] = logs["eval_perplexity"]
         return control

@@ -159,11 +159,13 @@ def _check_names(zero: ZeroCheckpoint, config_dir: str, source: Path) -> None:
 
 def meta_shapes(config_dir: str) -> dict[str, tuple[int, ...]]:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from launcher.modeling import auto_class_for
 
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_class_for(config.to_dict()).from_config(config)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     return {n: tuple(p.shape) for n, p in model.named_parameters() if n not in tied}
 
@@ -207,15 +209,18 @@ def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progre
     config = AutoConfig.from_pretrained(config_dir)
     config.dtype = dtype
     config.save_pretrained(out)
-    try:
-        generation = GenerationConfig.from_pretrained(config_dir)
-    except OSError:
-        generation = GenerationConfig.from_model_config(config)
     tokenizer = _tokenizer(source, config_dir)
     if tokenizer is None:
         progress("  no tokenizer beside the checkpoint or in the base model: the model is written without one")
     else:
         tokenizer.save_pretrained(out)
+    if (config.architectures or [""])[0].endswith("ForSequenceClassification"):
+        return  # a classifier generates nothing: no generation config
+    try:
+        generation = GenerationConfig.from_pretrained(config_dir)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    if tokenizer is not None:
         end_of_turn = end_of_turn_id(tokenizer)
         eos = generation.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])

@@ -12,6 +12,7 @@ from launcher.schema import DatasetSpec, Recipe
 
 # TRL's dataset formats, by the columns that identify them (first match wins).
 FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+LABELLED = ("text", "label")  # classification and regression rows
 ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -26,7 +27,7 @@ def load(recipe: Recipe, where: str, seed: int, local_only: bool = False, loaded
             if local_only and not is_local(spec):
                 continue
             key = f"data.{name}.{i}"
-            ds = _load_one(spec, where, key)
+            ds = load_one(spec, where, key, recipe.task, recipe.head.labels)
             if loaded is not None:
                 loaded.append((key, spec.path, ds))
             items.append((key, _weighted(ds, spec.weight, seed)))
@@ -54,7 +55,8 @@ def is_conversational(ds) -> bool:
     return len(ds) > 0 and "prompt" in ds.column_names and isinstance(ds[0]["prompt"], list)
 
 
-def _load_one(spec: DatasetSpec, where: str, key: str):
+def load_one(spec: DatasetSpec, where: str, key: str, task: str = "sft", labels: list[str] = ()):
+    """One dataset, renamed and checked row by row: TRL's columns for SFT, text + label for the other tasks."""
     import datasets
 
     local = Path(spec.path)
@@ -71,11 +73,18 @@ def _load_one(spec: DatasetSpec, where: str, key: str):
         hint = f"; check that it is a valid {local.suffix} file" if local.is_file() else ""
         raise RecipeError(f"{where}: {key} '{spec.path}' could not be read: {_reason(err)}{hint}") from None
     ds = _rename(ds, spec, where, key)
-    fmt = detect_format(ds.column_names, where, key, spec.path)
-    ds = ds.select_columns(list(FORMATS[fmt]))
+    if task == "sft":
+        fmt = detect_format(ds.column_names, where, key, spec.path)
+        ds = ds.select_columns(list(FORMATS[fmt]))
+    else:
+        if any(c not in ds.column_names for c in LABELLED):
+            raise RecipeError(f"{spec.path}: task {task} needs columns 'text' and 'label', it has "
+                              f"{ds.column_names}; map yours with {key}.columns in {where}")
+        fmt = task
+        ds = ds.select_columns(list(LABELLED))
     if len(ds) == 0:
         raise RecipeError(f"{spec.path}: no rows ({key} in {where}); give a file with at least one row")
-    check_rows(ds, fmt, spec.path)
+    check_rows(ds, fmt, spec.path, labels)
     return ds
 
 
@@ -163,12 +172,12 @@ def detect_format(columns: list[str], where: str, key: str, path: str) -> str:
                       f"map yours with {key}.columns in {where}")
 
 
-def check_rows(ds, fmt: str, path: str) -> None:
+def check_rows(ds, fmt: str, path: str, labels: list[str] = ()) -> None:
     """Fail on the first malformed row, by its 1-based row number, before any rank trains on it."""
     number = 0
     try:
         for number, row in enumerate(ds, 1):
-            problem = _row_problem(row, fmt)
+            problem = _row_problem(row, fmt, labels)
             if problem:
                 raise RecipeError(f"{path}: row {number}: {problem}; fix or remove that row")
     except UnicodeDecodeError:  # pyarrow's JSON reader lets bytes that are not UTF-8 through, into the strings
@@ -178,10 +187,14 @@ def check_rows(ds, fmt: str, path: str) -> None:
                           ) from None
 
 
-def _row_problem(row: dict, fmt: str) -> str | None:
+def _row_problem(row: dict, fmt: str, labels: list[str]) -> str | None:
     for column, value in row.items():
         if value is None:  # a key missing from this row (JSON Lines) or an empty cell (CSV)
             return f"has no '{column}'"
+    if fmt in ("classification", "regression"):
+        if not isinstance(row["text"], str) or not row["text"]:
+            return "'text' is empty or not a string"
+        return label_problem(row["label"], fmt, labels)
     if fmt == "text":
         return None if isinstance(row["text"], str) and row["text"] else "'text' is empty or not a string"
     if fmt == "prompt_completion":
@@ -205,6 +218,22 @@ def _row_problem(row: dict, fmt: str) -> str | None:
     if not any(turn["role"] == "assistant" for turn in messages):
         return "no assistant message: nothing to learn from this conversation"
     return None
+
+
+def label_id(value, labels: list[str]) -> int:
+    """A classification label as its id: rows may give the name or the id."""
+    return labels.index(value) if isinstance(value, str) and value in labels else int(value)
+
+
+def label_problem(value, task: str, labels: list[str]) -> str | None:
+    if task == "regression":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        return None if ok else f"'label' is {value!r}; regression labels are numbers"
+    if isinstance(value, str) and value in labels:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
+        return None
+    return f"'label' is {value!r}; it must be one of head.labels {labels} or an id from 0 to {len(labels) - 1}"
 
 
 def _turns_problem(turns: list, column: str) -> str | None:

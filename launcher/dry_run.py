@@ -19,7 +19,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from launcher import checkpoints, data, ds_config, modeling, tiny
+from launcher import checkpoints, data, ds_config, freeze, modeling, tiny
 from launcher import plan as plans
 from launcher import recipe as recipes
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
@@ -137,13 +137,11 @@ def _dry_run(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, re
     import deepspeed
     import transformers
     from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     datasets.disable_progress_bars()  # the report is the output: no bars, no per-step log dicts
     transformers.utils.logging.disable_progress_bar()
 
-    from launcher.callbacks import CompleteCheckpoints
     from launcher.train import start_run_dir
 
     seed = ds_config.training_value(dry, "seed")
@@ -171,10 +169,46 @@ def _dry_run(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, re
         deepspeed.init_distributed()
         set_seed(seed)
         model = modeling.load_model(dry, on_gpu)
+        freeze.apply(model, dry.freeze, recipe_path)
+    stages, reload = (_sft_stages, _reload_sft) if dry.task == "sft" else (_head_stages, _reload_head)
+    trainer = stages(report, dry, recipe_path, model, args, tokenizer, train_set, eval_set, run_dir, ds)
+    _train_and_consolidate(report, trainer, planned, run_dir, on_gpu, eval_set is not None)
+    reload(report, run_dir / "final", train_set[0], dry.task)
+
+
+def _reload_sft(report, final: Path, row: dict, task: str) -> None:
+    with report.stage("reload"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        reloaded = AutoModelForCausalLM.from_pretrained(final)
+        final_tokenizer = AutoTokenizer.from_pretrained(final)
+    report.add("reload", f"{type(reloaded).__name__}, {sum(p.numel() for p in reloaded.parameters()):,} params")
+    with report.stage("generate"):
+        prompt, text = generate(reloaded, final_tokenizer, row)
+    report.add("generate", f"{prompt!r} -> {text}")
+
+
+def _reload_head(report, final: Path, row: dict, task: str) -> None:
+    with report.stage("reload"):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        reloaded = AutoModelForSequenceClassification.from_pretrained(final)
+        final_tokenizer = AutoTokenizer.from_pretrained(final)
+    report.add("reload", f"{type(reloaded).__name__}, {sum(p.numel() for p in reloaded.parameters()):,} params"
+               + (f", labels {list(reloaded.config.id2label.values())}" if task == "classification" else ""))
+    with report.stage("predict"):
+        report.add("predict", predict(reloaded, final_tokenizer, row, task))
+
+
+def _sft_stages(report, dry, recipe_path, model, args, tokenizer, train_set, eval_set, run_dir, ds):
+    """LoRA, then tokenization by TRL itself (the prepared dataset is what training sees) and its loss tokens."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import SFTTrainer
+
+    from launcher.callbacks import CompleteCheckpoints
+
     with report.stage("LoRA targets"):
         peft_config = modeling.lora_config(dry, model, recipe_path)
-
-    # --- tokenization by TRL itself: the prepared dataset is what training sees
     with report.stage("tokenize"):
         stage = ds_config.zero_stage(ds, dry.deepspeed.config)
         try:
@@ -201,11 +235,54 @@ def _dry_run(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, re
         report.lines.append("      example (loss on «...»): " + render_example(tokenizer, trainer.train_dataset))
     with report.stage("LoRA targets"):
         lora_line(report, trainer.model, dry)
+    return trainer
 
-    # --- train a few steps; the last one saves a checkpoint
+
+def _head_stages(report, dry, recipe_path, model, args, tokenizer, train_set, eval_set, run_dir, ds):
+    """A classification or regression head: the HF Trainer, token lengths, labels seen, what trains."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from launcher import classify
+    from launcher.callbacks import CompleteCheckpoints
+
+    max_length = ds_config.training_value(dry, "max_length")
+    stage = ds_config.zero_stage(ds, dry.deepspeed.config)
+    with report.stage("tokenize"):
+        trainer = classify.make_trainer(dry, model, args, tokenizer, train_set, eval_set,
+                                        [CompleteCheckpoints(run_dir, 1, stage, None)], max_length)
+        for printer in (PrinterCallback, ProgressCallback):
+            trainer.remove_callback(printer)
+        lengths = sorted(len(ids) for ids in tokenizer(list(train_set["text"]))["input_ids"])
+    over = sum(n > max_length for n in lengths)
+    line = (f"min {lengths[0]} / median {statistics.median(lengths):.0f} / max {lengths[-1]} against max_length "
+            f"{max_length}; {over / len(lengths):.0%} truncated")
+    if over == len(lengths):
+        report.fail("tokens/example", line + ": every example is cut at max_length; raise training.max_length or "
+                    "shorten the data")
+    report.add("tokens/example", line)
+    with report.stage("labels"):
+        if dry.task == "classification":
+            seen = {name: 0 for name in dry.head.labels}
+            for value in train_set["label"]:
+                seen[dry.head.labels[data.label_id(value, dry.head.labels)]] += 1
+            text = ", ".join(f"{name} {n}" for name, n in seen.items())
+            missing = [name for name, n in seen.items() if n == 0]
+            report.add("labels", f"in the first {len(train_set)} rows: {text}"
+                       + (f" (none of {', '.join(missing)} here)" if missing else ""))
+        else:
+            values = [float(v) for v in train_set["label"]]
+            report.add("labels", f"regression targets from {min(values):.4g} to {max(values):.4g}")
+        report.lines.append(f"      example: {train_set[0]['text'][:SHOWN_CHARS]!r} -> {train_set[0]['label']!r}")
+    trainable, total = freeze.counts(trainer.model)
+    report.add("trainable", freeze.describe(trainable, total))
+    return trainer
+
+
+def _train_and_consolidate(report, trainer, planned, run_dir: Path, on_gpu: bool, has_eval: bool) -> None:
+    """A few steps, the last one saving a checkpoint; then the run's end product, consolidated."""
     with report.stage("train"):
         trainer.train()
-        metrics = trainer.evaluate() if eval_set is not None else {}
+        metrics = trainer.evaluate() if has_eval else {}
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     if trainer.state.global_step != STEPS or not losses or not all(math.isfinite(x) for x in losses):
         report.fail("train", f"{trainer.state.global_step} steps, losses {losses}: expected {STEPS} finite")
@@ -216,8 +293,6 @@ def _dry_run(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, re
     if not done:
         report.fail("checkpoint", f"no checkpoint with the {checkpoints.MARKER} marker under {run_dir}")
     report.add("checkpoint", f"{done[-1]} ({checkpoints.MARKER} written)")
-
-    # --- the run's end product: consolidated, reloaded, generating
     with report.stage("consolidate"):
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -226,15 +301,16 @@ def _dry_run(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, re
         unset_hf_deepspeed_config()
         final = consolidate(str(run_dir), str(run_dir / "final"), overwrite=True, progress=lambda _: None)
     report.add("consolidate", f"{final} ({sum(f.stat().st_size for f in final.glob('*.safetensors')) / 1e6:.1f} MB)")
-    with report.stage("reload"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        reloaded = AutoModelForCausalLM.from_pretrained(final)
-        final_tokenizer = AutoTokenizer.from_pretrained(final)
-    report.add("reload", f"{type(reloaded).__name__}, {sum(p.numel() for p in reloaded.parameters()):,} params")
-    with report.stage("generate"):
-        prompt, text = generate(reloaded, final_tokenizer, train_set[0])
-    report.add("generate", f"{prompt!r} -> {text}")
+
+def predict(model, tokenizer, row: dict, task: str) -> str:
+    """The reloaded head's answer for the first row."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(**tokenizer(row["text"], return_tensors="pt", truncation=True)).logits[0]
+    answer = f"{logits.item():.4g}" if task == "regression" else model.config.id2label[int(logits.argmax())]
+    return f"{row['text'][:80]!r} -> {answer} (label {row['label']!r})"
 
 
 def real_topology(recipe, nproc_per_node: int | None, nnodes: int | None) -> Topology:

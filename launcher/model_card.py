@@ -7,6 +7,10 @@ from pathlib import Path
 
 import yaml
 
+HOW = {"sft": "with supervised fine-tuning (TRL SFTTrainer, DeepSpeed ZeRO)",
+       "classification": "as a sequence classifier (a new head, HF Trainer, DeepSpeed ZeRO)",
+       "regression": "as a sequence regressor (a new one-output head, HF Trainer, DeepSpeed ZeRO)"}
+
 
 def write(out: Path, checkpoint: Path, steps: int | None) -> None:
     recipe = recipe_of(checkpoint)
@@ -16,14 +20,17 @@ def write(out: Path, checkpoint: Path, steps: int | None) -> None:
     lines = [
         f"# {recipe.get('run', {}).get('name', out.name)}",
         "",
-        f"Fine-tuned from `{model}` with supervised fine-tuning (TRL SFTTrainer, DeepSpeed ZeRO)"
+        f"Fine-tuned from `{model}` {HOW.get(recipe.get('task', 'sft'), HOW['sft'])}"
         + (", LoRA merged into the base weights (the adapter is in `adapter/`)." if recipe.get("lora") else "."),
         "",
         f"- data: {', '.join(f'`{d}`' for d in data) or 'unknown'}",
         f"- steps: {steps if steps is not None else state.get('global_step', 'unknown')}",
         f"- checkpoint: `{checkpoint}`",
     ]
-    for key in ("loss", "eval_loss"):
+    labels = recipe.get("head", {}).get("labels")
+    if labels:
+        lines.append(f"- labels: {', '.join(f'`{label}`' for label in labels)}")
+    for key in ("loss", "eval_loss", "eval_accuracy", "eval_f1", "eval_mse"):
         value = next((e[key] for e in reversed(state.get("log_history", [])) if key in e), None)
         if value is not None:
             lines.append(f"- final {key.replace('_', ' ')}: {value:.4f}")

@@ -43,23 +43,66 @@ def _declares_generic_class(ref: str) -> bool:
             and config.get("tokenizer_class") in GENERIC_TOKENIZERS)
 
 
+def auto_class(task: str):
+    """The transformers Auto class of the task: a causal LM for SFT, a sequence-classification head otherwise."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM if task == "sft" else transformers.AutoModelForSequenceClassification
+
+
+def auto_class_for(config: dict):
+    """The Auto class that builds a saved model, from the architecture its config.json names."""
+    architectures = config.get("architectures") or [""]
+    return auto_class("classification" if architectures[0].endswith("ForSequenceClassification") else "sft")
+
+
+def head_config(recipe: Recipe) -> dict:
+    """Config keys of the task's head: label names kept in the model (id2label), one output for regression."""
+    if recipe.task == "classification":
+        labels = recipe.head.labels
+        return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                "label2id": {name: i for i, name in enumerate(labels)}}
+    if recipe.task == "regression":
+        return {"num_labels": 1, "problem_type": "regression"}
+    return {}
+
+
+def model_config(recipe: Recipe):
+    """The model's transformers config with the task's head settings."""
+    from transformers import AutoConfig
+
+    m = recipe.model
+    config = AutoConfig.from_pretrained(m.config or m.name_or_path, trust_remote_code=m.trust_remote_code)
+    for key, value in head_config(recipe).items():
+        setattr(config, key, value)
+    return config
+
+
+def meta_model(recipe: Recipe):
+    """The task's model on the meta device: every parameter's name and shape, no memory, no weights."""
+    import torch
+
+    with torch.device("meta"):
+        return auto_class(recipe.task).from_config(model_config(recipe),
+                                                   trust_remote_code=recipe.model.trust_remote_code)
+
+
 def load_model(recipe: Recipe, on_gpu: bool):
     """Build the model. Call after the SFTConfig exists: under ZeRO-3 the weights are partitioned as they load."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     m = recipe.model
+    cls = auto_class(recipe.task)
     kwargs = {"trust_remote_code": m.trust_remote_code}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
     dtype = "auto" if m.dtype == "auto" else getattr(torch, m.dtype)
     if m.init == "random":
-        config = AutoConfig.from_pretrained(m.config or m.name_or_path, trust_remote_code=m.trust_remote_code)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype, **kwargs)
+        return cls.from_config(model_config(recipe), dtype=torch.float32 if dtype == "auto" else dtype, **kwargs)
     quantization = _quantization(recipe, on_gpu)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    return AutoModelForCausalLM.from_pretrained(m.name_or_path, dtype=dtype, **kwargs)
+    return cls.from_pretrained(m.name_or_path, dtype=dtype, **head_config(recipe), **kwargs)
 
 
 def _quantization(recipe: Recipe, on_gpu: bool):

@@ -25,6 +25,7 @@ class Plan:
     command: list[str]
     memory: str  # one line: per-device model states, or why there is no estimate
     params: int | None
+    trainable: tuple[int, int] | None = None  # (trainable, total) when a freeze or a task head decides them
 
     @property
     def run_dir(self) -> Path:
@@ -49,8 +50,23 @@ def make(recipe_path: str, overrides: dict[str, Any], topology: Topology) -> Pla
     run_dir = Path(recipe.run.output_dir)
     hostfile = str(run_dir / "hostfile") if topology.nnodes > 1 and not topology.hostfile else None
     command = deepspeed_command(topology, [str(run_dir / "recipe.yaml")], hostfile)
-    params, estimate = memory_line(recipe, config, ds, topology)
-    return Plan(recipe_path, recipe, topology, ds, batch, rank_env(topology), command, estimate, params)
+    trainable, count = trainable_params(recipe, config, where)
+    params, estimate = memory_line(recipe, config, ds, topology, count)
+    return Plan(recipe_path, recipe, topology, ds, batch, rank_env(topology), command, estimate, params, trainable)
+
+
+def trainable_params(recipe: Recipe, config: dict | None, where: str):
+    """((trainable, total), ParamCount) of the task's model with the freeze applied, from a meta-device build, or
+    (None, None) when nothing is frozen and the model is a plain causal LM (the fast path: no transformers import).
+    Freeze rules that match nothing fail here, before any launch."""
+    if config is None or (recipe.freeze is None and recipe.task == "sft"):
+        return None, None
+    from launcher import freeze, modeling
+
+    model = modeling.meta_model(recipe)
+    trainable = freeze.apply(model, recipe.freeze, where)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return trainable, memory.ParamCount(trainable[1], largest)
 
 
 def check_lora_targets(recipe: Recipe, config: dict | None, where: str) -> None:
@@ -67,11 +83,12 @@ def check_lora_targets(recipe: Recipe, config: dict | None, where: str) -> None:
                               f"{config.get('model_type')} model; it has {', '.join(sorted(known))}")
 
 
-def memory_line(recipe: Recipe, config: dict | None, ds: dict, topology: Topology) -> tuple[int | None, str]:
+def memory_line(recipe: Recipe, config: dict | None, ds: dict, topology: Topology,
+                count: memory.ParamCount | None = None) -> tuple[int | None, str]:
     if config is None:
         return None, "no estimate: set model.config to a local config.json to get one"
     try:
-        count = memory.count_params(config)
+        count = count or memory.count_params(config)
     except memory.UnknownArchitecture:
         count = memory.count_params_meta(recipes.config_path(recipe))
     stage = ds_config.zero_stage(ds, recipe.deepspeed.config)
@@ -85,6 +102,21 @@ def memory_line(recipe: Recipe, config: dict | None, ds: dict, topology: Topolog
     return count.total, line
 
 
+def fine_tune(plan: Plan) -> str:
+    if plan.recipe.lora:
+        return f"LoRA r={plan.recipe.lora.r} on {plan.recipe.lora.target_modules}"
+    if plan.trainable is None:
+        return "full"
+    from launcher import freeze
+
+    rules = plan.recipe.freeze
+    what = "full" if rules is None else "frozen: " + ", ".join(
+        [*(["embeddings"] if rules.embeddings or rules.all_but_last is not None else []),
+         *([f"all layers but the last {rules.all_but_last}"] if rules.all_but_last is not None else []),
+         *rules.patterns])
+    return f"{what}; {freeze.describe(*plan.trainable)}"
+
+
 def render(plan: Plan) -> str:
     """The human-readable plan."""
     rows = [
@@ -93,8 +125,8 @@ def render(plan: Plan) -> str:
         ("topology", str(plan.topology)),
         ("batch", str(plan.batch)),
         ("zero", f"stage {ds_config.zero_stage(plan.ds_config, '')} from {plan.recipe.deepspeed.config}"),
-        ("fine-tune", f"LoRA r={plan.recipe.lora.r} on {plan.recipe.lora.target_modules}" if plan.recipe.lora
-         else "full"),
+        ("task", plan.recipe.task + (f" {plan.recipe.head.labels}" if plan.recipe.head.labels else "")),
+        ("fine-tune", fine_tune(plan)),
         ("memory", plan.memory),
         ("command", shell_line(plan.env, plan.command)),
     ]
@@ -118,5 +150,6 @@ def as_json(plan: Plan) -> dict[str, Any]:
         "command": plan.command,
         "memory": plan.memory,
         "params": plan.params,
+        "trainable_params": plan.trainable[0] if plan.trainable else None,
         "run_dir": str(plan.run_dir),
     }

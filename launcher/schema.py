@@ -134,10 +134,37 @@ class WandbSection:
 
 
 @dataclass
+class HeadSection:
+    labels: list[str] = doc("classification: the label names, in id order; rows give a name or an id. Kept in the "
+                            "model's config (id2label).", factory=list)
+    class_weights: list[float] | Literal["balanced"] | None = doc(
+        "classification: loss weight per label (in label order), or balanced (inverse label frequency in the "
+        "training rows); default: none.", default=None)
+
+
+@dataclass
+class FreezeSection:
+    embeddings: bool = doc("Freeze the embeddings (token, position, type).", default=False)
+    all_but_last: int | None = doc("Freeze the embeddings and every transformer layer except the last K.",
+                                   (lambda v: v >= 0, "must be >= 0"), default=None)
+    patterns: list[str] = doc("Freeze parameters whose names match these globs, e.g. '*.attention.*'.",
+                              factory=list)
+
+
+TASKS = ("sft", "classification", "regression")
+
+
+@dataclass
 class Recipe:
     run: RunSection = doc("Name and place of the run.")
     model: ModelSection = doc("What to fine-tune.")
     data: DataSection = doc("What to train and evaluate on.")
+    task: Literal["sft", "classification", "regression"] = doc(
+        "sft: chat/completion SFT with TRL's SFTTrainer; classification or regression: a sequence-classification "
+        "head on the model (rows: text + label), trained with the HF Trainer.", default="sft")
+    head: HeadSection = doc("Labels and class weights of the classification head.", factory=HeadSection)
+    freeze: FreezeSection | None = doc("Parameters kept frozen; the task's head always trains. Absent = none.",
+                                       default=None)
     training: dict[str, Any] = doc("TRL SFTConfig arguments, by their SFTConfig names.", factory=dict)
     deepspeed: DeepSpeedSection = doc("ZeRO configuration.", factory=DeepSpeedSection)
     lora: LoraSection | None = doc("Parameter-efficient fine-tuning; absent = full fine-tune.", default=None)

@@ -37,6 +37,13 @@ def fields() -> dict[str, Field]:
     return out
 
 
+@functools.cache
+def sft_only() -> frozenset[str]:
+    """The fields TRL adds to transformers' TrainingArguments: SFT data handling, which the HF Trainer ignores."""
+    package, module, cls = CHAIN[0]
+    return frozenset(set(fields()) - set(_class_fields(_package_dir(package) / module, cls)))
+
+
 def default(name: str) -> Any:
     """SFTConfig's default for `name` (NO_DEFAULT when it is not a literal)."""
     return fields()[name].default

@@ -76,9 +76,9 @@ def peak_flops() -> float | None:
 
 
 def make_callback(run, world: int, params: int):
-    """Logs what the trainer logs, plus throughput: tokens/s overall and per device (TRL's `num_tokens` counts
-    non-padding tokens over all ranks), and on known GPUs the model FLOPs utilisation, 6 x params x tokens/s over the
-    devices' peak."""
+    """Logs what the trainer logs, plus throughput: tokens/s overall and per device (TRL's `num_tokens`, or the HF
+    Trainer's non-padding `num_input_tokens_seen`, counts non-padding tokens over all ranks), and on known GPUs the
+    model FLOPs utilisation, 6 x params x tokens/s over the devices' peak."""
     from transformers import TrainerCallback
 
     peak = peak_flops()
@@ -92,7 +92,7 @@ def make_callback(run, world: int, params: int):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
-            tokens = logs.get("num_tokens")
+            tokens = logs.get("num_tokens", logs.get("num_input_tokens_seen"))  # TRL's, else the HF Trainer's
             now = time.monotonic()
             if tokens is not None and self.last is not None:
                 since, before = self.last

@@ -75,7 +75,8 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from launcher.callbacks import STOP_FILE_ENV, CompleteCheckpoints, StopOnRequest
+    from launcher import freeze
+    from launcher.callbacks import STOP_FILE_ENV, CompleteCheckpoints, Perplexity, StopOnRequest
 
     on_gpu = torch.cuda.is_available()
     seed = ds_config.training_value(recipe, "seed")
@@ -90,27 +91,40 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
 
     # --- training arguments before the model: under ZeRO-3 the model is partitioned while it is built.
     # Retention is ours (callbacks.CompleteCheckpoints): HF's rotation would count half-written checkpoints.
+    # SFTConfig for every task: it is the HF TrainingArguments plus SFT fields (the schema refuses those for other
+    # tasks), so one schema, one set of defaults and one DeepSpeed resolution serve SFTTrainer and Trainer alike.
     training = {**recipe.training, "save_total_limit": None}
+    if recipe.task != "sft":  # the HF Trainer counts tokens only when asked (TRL always does): for W&B throughput
+        training.setdefault("include_num_input_tokens_seen", "non_padding")
     args = SFTConfig(output_dir=str(checkpoints.directory(run_dir)), deepspeed=ds, use_cpu=not on_gpu, **training)
     if args.world_size != world:  # reading it joins the process group: ZeRO-3 partitions the model at build time
         raise RuntimeError(f"the trainer sees world size {args.world_size}, the launcher started {world} ranks")
     deepspeed.init_distributed()  # on CPU accelerate joins through torch alone; DeepSpeed must see that group too
 
-    # --- model, with LoRA adapters when the recipe asks
+    # --- model (a new head for classification), frozen parts, LoRA adapters when the recipe asks
     set_seed(seed)
     model = modeling.load_model(recipe, on_gpu)
+    trainable = freeze.apply(model, recipe.freeze, recipe_path)
     peft_config = modeling.lora_config(recipe, model, recipe_path)
 
-    # --- trainer
+    # --- trainer: TRL's for SFT, the HF Trainer for a classification or regression head
     stopper = StopOnRequest(os.environ[STOP_FILE_ENV]) if os.environ.get(STOP_FILE_ENV) else None
     callbacks = [CompleteCheckpoints(run_dir, world, ds_config.zero_stage(ds, recipe.deepspeed.config),
                                      recipe.training.get("save_total_limit")), *([stopper] if stopper else [])]
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    if recipe.task == "sft":
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                             processing_class=tokenizer, peft_config=peft_config, callbacks=[*callbacks, Perplexity()])
+    else:
+        from launcher import classify
+
+        trainer = classify.make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks,
+                                        ds_config.training_value(recipe, "max_length"))
     tracker = None
     if rank == 0:
         start = f", resuming from {resume.name}" if resume else ""
         print(f"training {recipe.run.name}: {len(train_set)} rows, {batch}{start}", flush=True)
+        if recipe.freeze:
+            print(f"freeze: {freeze.describe(*trainable)}", flush=True)
         tracker = start_tracking(recipe, run_dir, ds, world, str(batch), model)
         if tracker:
             trainer.add_callback(tracking.make_callback(tracker, world, parameter_count(model)))
@@ -178,6 +192,10 @@ def summary(trainer, run_dir: Path) -> str:
     lines = [f"done: {trainer.state.global_step} steps"]
     if losses:
         lines[0] += f", training loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if evals:
+        shown = [k for k in ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1", "eval_mse") if k in evals[-1]]
+        lines[0] += "; " + ", ".join(f"{k.removeprefix('eval_')} {evals[-1][k]:.4g}" for k in shown)
     checkpoint = resolve_checkpoint(run_dir)  # the newest complete one, as consolidation picks it
     lines += [f"run directory: {run_dir}", f"checkpoint:    {checkpoint} (ZeRO shards of every rank)"]
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -78,6 +79,21 @@ def test_smoke_recipe_zero3_full_finetune_learns(tmp_path):
     assert_final_model_serves(run_dir / "final")
     assert_final_eval_loss_matches(run_dir)
     assert result.stdout.strip().splitlines()[-1] == f"finished: {run_dir / 'final'}"
+    assert_evaluate_reports(run_dir / "final", first_loss=curve[0])
+
+
+def assert_evaluate_reports(final: Path, first_loss: float) -> None:
+    """`launcher evaluate` on chat rows: the trained model's loss on the answers (well below where training
+    started), its perplexity, and greedy answers to three prompts, printed and written as JSON."""
+    result = cli("evaluate", final, "--data", REPO / "recipes/smoke/data/train.jsonl", "--max_rows", 64)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((final / "metrics-train.json").read_text())
+    assert metrics["rows"] == 64 and metrics["loss"] < first_loss / 2
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    assert len(metrics["samples"]) == 3
+    for sample in metrics["samples"]:
+        assert sample["generated"].strip().isdigit(), sample
+        assert f"generated: {sample['generated']}" in result.stdout
 
 
 def assert_final_eval_loss_matches(run_dir: Path) -> None:

@@ -51,6 +51,38 @@ def test_smoke_recipe_passes(tmp_path, tiny):
     assert "0% truncated" in report and "STAND-IN" not in report and ("PASS  tiny model" in report) == tiny
 
 
+HEAD_STAGES = ("recipe valid", "dataset", "tokens/example", "labels", "trainable", "train", "memory", "checkpoint",
+               "consolidate", "reload", "predict")
+
+
+def test_classification_recipe_passes(tmp_path):
+    from tests.unit.test_classification import sentiment_recipe
+
+    result = dry_run(sentiment_recipe(tmp_path), tmp_path, tiny=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = result.stdout[result.stdout.index("--- dry run report"):]
+    for stage in HEAD_STAGES:
+        assert f"PASS  {stage}" in report, f"stage {stage} missing:\n{report}"
+    assert "labels ['negative', 'positive']" in report and "24.3%)" in report  # embeddings + 3 of 4 layers frozen
+
+
+def test_regression_head_passes(tmp_path):
+    import json
+
+    from tests.unit.test_classification import sentiment_recipe
+
+    rows = [json.loads(line) for line in (REPO / "recipes/sentiment/data/train.jsonl").read_text().splitlines()]
+    scores = tmp_path / "scores.jsonl"  # the same reviews, scored 0.0 (negative) or 1.0 (positive)
+    scores.write_text("".join(json.dumps({"text": r["text"], "label": float(r["label"] == "positive")}) + "\n"
+                              for r in rows[:200]))
+    recipe = sentiment_recipe(tmp_path, task="regression", head={"labels": []},
+                              data={"train": [{"path": str(scores)}], "eval": [{"path": str(scores)}]})
+    result = dry_run(recipe, tmp_path, tiny=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "PASS  labels          regression targets from 0 to 1" in result.stdout
+    assert "PASS  predict" in result.stdout and "FAIL" not in result.stdout
+
+
 def test_tiny_goes_with_dry_run():
     result = cli("train", REPO / "recipes" / "smoke.yaml", "--tiny")
     assert result.returncode != 0 and "--tiny, --nproc_per_node and --nnodes go with --dry_run" in result.stderr

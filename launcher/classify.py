@@ -1,0 +1,101 @@
+"""Classification and regression heads: rows tokenized for the HF Trainer, class weights, and the metrics that
+training, `launcher evaluate` and sweep reports share (accuracy, macro precision / recall / F1; MSE, MAE)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from launcher.data import label_id
+
+
+def encode(ds, tokenizer, recipe, max_length: int):
+    """text + label rows -> input ids, attention mask (and token types) and integer (or float) labels."""
+    regression = recipe.task == "regression"
+    labels = recipe.head.labels
+
+    def batch(rows):
+        out = tokenizer(rows["text"], truncation=True, max_length=max_length)
+        out["labels"] = [float(v) if regression else label_id(v, labels) for v in rows["label"]]
+        return out
+
+    return ds.map(batch, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+
+
+def class_weights(recipe, train_set) -> list[float] | None:
+    """The recipe's weights, or balanced ones: n / (classes x rows of the class), as scikit-learn defines them."""
+    weights = recipe.head.class_weights
+    if weights != "balanced":
+        return weights
+    labels = recipe.head.labels
+    seen = Counter(label_id(v, labels) for v in train_set["label"])
+    total = sum(seen.values())
+    return [total / (len(labels) * seen[i]) if seen[i] else 0.0 for i in range(len(labels))]
+
+
+def head_loss(task: str, weights: list[float] | None):
+    """The Trainer's compute_loss_func: cross-entropy (with class weights if any) or squared error, summed and
+    divided by the labelled rows of the whole batch (all accumulation steps and ranks), which the Trainer passes.
+
+    Needed even without weights: the Trainer takes any model whose forward has **kwargs (BERT's classifier does)
+    to normalise its loss that way, multiplies the loss by the number of ranks, and so would double a 2-rank run's
+    loss and gradients when the model returns a plain per-rank mean."""
+    import torch
+    import torch.nn.functional as F
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"]
+        if task == "regression":
+            total = F.mse_loss(logits.view(-1), labels.view(-1).to(logits.dtype), reduction="sum")
+        else:
+            w = None if weights is None else torch.tensor(weights, dtype=logits.dtype, device=logits.device)
+            total = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), weight=w, reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else labels.numel()
+        return total / count
+
+    return loss
+
+
+def metrics_for(task: str):
+    return regression_metrics if task == "regression" else classification_metrics
+
+
+def classification_metrics(eval_pred) -> dict[str, float]:
+    """Accuracy and macro-averaged precision, recall and F1 (a class never predicted has precision 0)."""
+    logits, labels = eval_pred[0], np.asarray(eval_pred[1])
+    predicted = np.asarray(logits).argmax(-1)
+    return scores(predicted, labels, np.asarray(logits).shape[-1])
+
+
+def scores(predicted: np.ndarray, labels: np.ndarray, classes: int) -> dict[str, float]:
+    precision, recall, f1 = [], [], []
+    for c in range(classes):
+        tp = int(np.sum((predicted == c) & (labels == c)))
+        p = tp / max(int(np.sum(predicted == c)), 1)
+        r = tp / max(int(np.sum(labels == c)), 1)
+        precision.append(p)
+        recall.append(r)
+        f1.append(2 * p * r / (p + r) if p + r else 0.0)
+    return {"accuracy": float(np.mean(predicted == labels)), "precision": float(np.mean(precision)),
+            "recall": float(np.mean(recall)), "f1": float(np.mean(f1))}
+
+
+def regression_metrics(eval_pred) -> dict[str, float]:
+    predicted, labels = np.asarray(eval_pred[0]).reshape(-1), np.asarray(eval_pred[1]).reshape(-1)
+    return {"mse": float(np.mean((predicted - labels) ** 2)), "mae": float(np.mean(np.abs(predicted - labels)))}
+
+
+def make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks, max_length: int):
+    """The HF Trainer for the head: tokenized rows padded per batch, the task's metrics, class weights if any."""
+    from transformers import DataCollatorWithPadding, Trainer
+
+    if model.config.pad_token_id is None:  # decoder models have no pad token; batching needs one
+        model.config.pad_token_id = tokenizer.pad_token_id
+    weights = class_weights(recipe, train_set) if recipe.task == "classification" else None
+    with args.main_process_first(desc="tokenizing"):  # rank 0 fills the datasets cache, the others read it
+        train = encode(train_set, tokenizer, recipe, max_length)
+        evaluation = encode(eval_set, tokenizer, recipe, max_length) if eval_set is not None else None
+    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+                   data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_for(recipe.task),
+                   compute_loss_func=head_loss(recipe.task, weights), callbacks=callbacks)

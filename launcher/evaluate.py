@@ -1,0 +1,194 @@
+"""`launcher evaluate MODEL_DIR --data FILE`: a consolidated model's metrics on a data file, printed as a table and
+written as JSON; for SFT models also the answers it generates for a few prompts, so a person can see what it does.
+
+Classifiers (config.json names a *ForSequenceClassification architecture): loss, accuracy and macro precision,
+recall and F1 on text + label rows (labels by the names kept in the model's id2label, or by id); regression heads:
+MSE and MAE. Causal LMs: the mean loss per predicted token and its perplexity, over the tokens a trainer learns by
+default: the assistant's turns where the chat template marks them ({% generation %}), else the whole conversation;
+the completion of prompt/completion rows; all of a text row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from launcher.errors import RecipeError
+from launcher.schema import DatasetSpec
+
+
+def evaluate(model_dir: str, data: str, split: str = "train", output: str | None = None, batch_size: int = 32,
+             max_rows: int | None = None, prompts: int = 3, max_new_tokens: int = 48) -> dict:
+    directory = Path(model_dir)
+    config = _config(directory)
+    classifier = (config.get("architectures") or [""])[0].endswith("ForSequenceClassification")
+    task = ("regression" if config.get("problem_type") == "regression" or config.get("num_labels") == 1
+            else "classification") if classifier else "sft"
+    labels = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))] if classifier else []
+    import datasets
+
+    from launcher import data as datasets_
+
+    datasets.disable_progress_bars()  # a bad row's one line must be the only thing said
+    rows = datasets_.load_one(DatasetSpec(path=_data_ref(data), split=split), "command line", "--data", task, labels)
+    if max_rows:
+        rows = rows.select(range(min(max_rows, len(rows))))
+    model, tokenizer = _load(directory, classifier)
+    print(f"evaluating {directory} ({config['architectures'][0]}) on {data}: {len(rows)} rows", flush=True)
+    if classifier:
+        result = {"task": task, **_classifier_metrics(model, tokenizer, rows, task, labels, batch_size)}
+    else:
+        result = {"task": task, **_lm_metrics(model, tokenizer, rows), "samples": _samples(model, tokenizer, rows,
+                                                                                            prompts, max_new_tokens)}
+    result = {"model": str(directory.absolute()), "data": str(data), "rows": len(rows), **result}
+    out = Path(output) if output else directory / f"metrics-{Path(data).stem}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(render(result) + f"\nwritten: {out}", flush=True)
+    return result
+
+
+def _config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise RecipeError(f"{directory}: no config.json: not a model directory (give `launcher consolidate`'s "
+                          "output, e.g. <run dir>/final)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as err:
+        raise RecipeError(f"{path}: not valid JSON ({err})") from None
+    if not config.get("architectures"):
+        raise RecipeError(f"{path}: names no architecture; cannot tell a classifier from a language model")
+    return config
+
+
+def _data_ref(data: str) -> str:
+    local = Path(data).expanduser()
+    if local.exists():
+        return str(local.absolute())
+    if local.suffix or data.count("/") != 1:
+        raise RecipeError(f"command line: --data '{data}' does not exist")
+    return data  # a hub id
+
+
+def _load(directory: Path, classifier: bool):
+    import torch
+    from transformers import AutoTokenizer
+
+    from launcher.modeling import auto_class
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = auto_class("classification" if classifier else "sft").from_pretrained(directory, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"{directory}: cannot load the model or its tokenizer ({str(err).splitlines()[0]})"
+                          ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], batch_size: int) -> dict:
+    import numpy as np
+    import torch
+
+    from launcher import classify
+    from launcher.data import label_id
+
+    outputs, targets = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            encoded = tokenizer(batch["text"], truncation=True, padding=True, return_tensors="pt",
+                                max_length=min(tokenizer.model_max_length, 4096))
+            outputs.append(model(**encoded).logits.float())
+            targets += [float(v) if task == "regression" else label_id(v, labels) for v in batch["label"]]
+    logits = torch.cat(outputs)
+    if task == "regression":
+        return classify.regression_metrics((logits.numpy(), np.array(targets)))
+    target = torch.tensor(targets)
+    loss = torch.nn.functional.cross_entropy(logits, target).item()
+    return {"loss": loss, **classify.scores(logits.argmax(-1).numpy(), target.numpy(), len(labels)),
+            "labels": labels}
+
+
+def _lm_metrics(model, tokenizer, rows) -> dict:
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids, mask = _tokens(tokenizer, row)
+            if sum(mask[1:]) == 0:
+                continue
+            labels = torch.tensor([t if m else -100 for t, m in zip(ids, mask, strict=True)])
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            total += torch.nn.functional.cross_entropy(logits, labels[1:], reduction="sum", ignore_index=-100).item()
+            count += int((labels[1:] != -100).sum())
+    if count == 0:
+        raise RecipeError("--data: no row has a token to score (empty completions, or a template that marks none)")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def _as_messages(row: dict) -> dict:
+    """Conversational prompt/completion rows (lists of turns) are one conversation."""
+    if "prompt" in row and isinstance(row["prompt"], list):
+        return {"messages": [*row["prompt"], *row["completion"]]}
+    return row
+
+
+def _tokens(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    """Token ids of a row and which of them are scored (1) or context (0)."""
+    row = _as_messages(row)
+    if "messages" in row:
+        marked = "generation" in (tokenizer.chat_template or "")
+        out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=marked)
+        ids = list(out["input_ids"])
+        return ids, list(out["assistant_masks"]) if marked else [1] * len(ids)
+    if "prompt" in row:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+    ids = tokenizer(row["text"])["input_ids"]
+    return ids, [1] * len(ids)
+
+
+def _samples(model, tokenizer, rows, prompts: int, max_new_tokens: int) -> list[dict]:
+    """Greedy answers to the first rows' prompts (conversations without their last assistant turn)."""
+    import torch
+
+    out = []
+    for row in rows.select(range(min(prompts, len(rows)))):
+        row = _as_messages(row)
+        if "messages" in row:
+            turns = row["messages"]
+            cut = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+            context, reference = turns[:cut], turns[cut]["content"]
+            ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True, return_dict=True
+                                                )["input_ids"]
+            prompt = context[-1]["content"] if context else ""
+        elif "prompt" in row:
+            prompt, reference = row["prompt"], row["completion"]
+            ids = tokenizer(prompt)["input_ids"]
+        else:
+            continue
+        with torch.no_grad():
+            generated = model.generate(torch.tensor([list(ids)]), max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
+        out.append({"prompt": prompt, "reference": reference, "generated": answer})
+    return out
+
+
+def render(result: dict) -> str:
+    """The metrics as aligned rows, then the generated samples."""
+    skip = {"model", "data", "samples", "labels", "task"}
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items() if k not in skip]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    for sample in result.get("samples", []):
+        lines += ["", f"prompt:    {sample['prompt']}", f"reference: {sample['reference']}",
+                  f"generated: {sample['generated']}"]
+    return "\n".join(lines)
