@@ -171,7 +171,66 @@ def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shar
     consolidation.consolidate(str(checkpoint), str(output), dtype, str(max_shard_size), base_model, bool(overwrite))
 
 
-COMMANDS = {"plan": plan, "launch": launch, "submit": submit, "train": train, "consolidate": consolidate}
+@exits_cleanly
+def evaluate(model_dir: str, data: str, split: str = "train", output: str | None = None, batch_size: int = 32,
+             max_rows: int | None = None, prompts: int = 3) -> None:
+    """Metrics of a consolidated model (MODEL_DIR, e.g. <run dir>/final) on --data FILE (or a hub id, --split):
+    classifiers: loss, accuracy, macro precision/recall/F1 (regression: MSE, MAE); language models: loss and
+    perplexity, and greedy answers to --prompts of the rows. Printed, and written as JSON (--output; default
+    MODEL_DIR/metrics-<data name>.json)."""
+    from launcher import evaluate as evaluation
+
+    evaluation.evaluate(str(model_dir), str(data), str(split), output, int(batch_size), max_rows, int(prompts))
+
+
+@exits_cleanly
+def sweep(recipe: str, grid: str | None = None, random: int | None = None, space: str | None = None, seed: int = 0,
+          nproc_per_node: int | None = None, master_port: int | None = None, slurm: bool = False,
+          nodes: int | None = None, gpus_per_node: int | None = None, partition: str | None = None,
+          time: str | None = None, account: str | None = None, qos: str | None = None,
+          max_parallel: int | None = None, dry_run: bool = False, **overrides) -> None:
+    """Train variants of RECIPE, each in its own run directory under <run dir>-sweep/, all validated before any
+    starts. --grid 'training.learning_rate=[1e-5,3e-5] lora.r=[8,16]': every combination. --random N --space
+    'training.learning_rate=loguniform(1e-5,1e-3) lora.r=choice(8,16) training.weight_decay=uniform(0,0.1)'
+    [--seed S]: N seeded draws. Here: one after another with `launch` [--nproc_per_node G --master_port P], then the
+    report; the same command resumes the sweep. --slurm: one job array, a task per variant ([--nodes N
+    --gpus_per_node G ...] as for submit, [--max_parallel K]). --dry_run: print what would run (with --slurm, the job
+    script); nothing is written."""
+    from launcher import sweep as sweeps
+
+    sweeps.check_flags(overrides)
+    points, spec = sweeps.points_from_flags(grid, random, space, seed)
+    flags = {"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition, "time": time,
+             "account": account, "qos": qos}
+    if slurm:
+        if nproc_per_node is not None or master_port is not None:
+            raise RecipeError("command line: --nproc_per_node and --master_port are for sweeps here; a Slurm sweep "
+                              "takes --gpus_per_node (ranks per node) and picks its ports itself")
+        sweeps.on_slurm(recipe, _split(overrides), points, spec, flags, max_parallel, bool(dry_run))
+        return
+    given = [f"--{k}" for k, v in {**flags, "max_parallel": max_parallel}.items() if v is not None]
+    if given:
+        raise RecipeError(f"command line: {', '.join(given)} {'go' if len(given) > 1 else 'goes'} with --slurm")
+    failed = sweeps.here(recipe, _split(overrides), points, spec, nproc_per_node, master_port, bool(dry_run))
+    sys.exit(1 if failed else 0)
+
+
+@exits_cleanly
+def sweep_report(sweep_dir: str, metric: str | None = None, format: str = "text") -> None:
+    """The variants of a sweep (SWEEP_DIR: the <run dir>-sweep directory), best first by --metric (default
+    eval_loss, else the training loss; lower is better for names with "loss", higher otherwise): their overrides,
+    steps, final training loss, final eval metrics, status. Failed and unrun variants come last."""
+    from launcher import sweep as sweeps
+
+    if format not in ("text", "json"):
+        raise RecipeError(f"command line: --format is {format!r}; use text or json")
+    result = sweeps.report(str(sweep_dir), None if metric is None else str(metric))
+    print(json.dumps(result, indent=2) if format == "json" else sweeps.render_report(result))
+
+
+COMMANDS = {"plan": plan, "launch": launch, "submit": submit, "train": train, "consolidate": consolidate,
+            "evaluate": evaluate,
+            "sweep": sweep, "sweep_report": sweep_report}
 
 
 def main() -> None:

@@ -19,20 +19,35 @@ echo "launcher: training finished; consolidating into $RUN_DIR/final"
 srun --nodes=1 --ntasks=1 "$LAUNCHER_PYTHON" -m launcher consolidate "$RUN_DIR" "$RUN_DIR/final" --overwrite
 """
 
+ARRAY_RUN_DIR = """# job array: task i trains the i-th run directory of the sweep (counted from 0)
+RUN_DIRS=(
+{dirs}
+)
+export RUN_DIR="${{RUN_DIRS[$SLURM_ARRAY_TASK_ID]}}"
+echo "launcher: array task ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}} trains $RUN_DIR"
+"""
 
-def log_pattern(run_dir: Path) -> str:
-    return str(run_dir / "logs" / "%x-%j.log")
+
+def log_pattern(run_dir: Path, array: bool = False) -> str:
+    """Where the job's output goes; an array's tasks share one directory (the sweep's), one log per task."""
+    return str(run_dir / "logs" / ("%x-%A_%a.log" if array else "%x-%j.log"))
 
 
-def render(run_dir: Path, name: str, options: SlurmSection, consolidate: bool, gpus: bool) -> str:
+def render(run_dir: Path, name: str, options: SlurmSection, consolidate: bool, gpus: bool,
+           array: list[Path] | None = None, max_parallel: int | None = None) -> str:
+    """The job script. With `array` (the sweep's run directories), one job array: task i trains array[i], at most
+    `max_parallel` at a time; run_dir is then the sweep directory, for the logs and the job's comment."""
+    options_lines = sbatch_options(options, gpus) + ([array_option(len(array), max_parallel)] if array else [])
+    dirs = "\n".join("    '" + str(d).replace("'", "'\\''") + "'" for d in array or [])  # quoted, even a=b
+    set_run_dir = ARRAY_RUN_DIR.format(dirs=dirs).rstrip() if array else f"export RUN_DIR={shlex.quote(str(run_dir))}"
     values = {
         "JOB_NAME": name,
         "NODES": str(options.nodes),
-        "LOG": log_pattern(run_dir),
+        "LOG": log_pattern(run_dir, bool(array)),
         "COMMENT": f"launcher:{run_dir}",
-        "SBATCH_OPTIONS": "\n".join(f"#SBATCH {o}" for o in sbatch_options(options, gpus)),
+        "SBATCH_OPTIONS": "\n".join(f"#SBATCH {o}" for o in options_lines),
         "SETUP": "\n".join(options.setup) or "# (none)",
-        "RUN_DIR": shlex.quote(str(run_dir)),
+        "RUN_DIR": set_run_dir,
         "PYTHON": shlex.quote(sys.executable),
         "PROCS": str(options.gpus_per_node),
         "CONSOLIDATE": CONSOLIDATE if consolidate else "",
@@ -62,6 +77,10 @@ def sbatch_options(options: SlurmSection, gpus: bool) -> list[str]:
     return out
 
 
+def array_option(tasks: int, max_parallel: int | None) -> str:
+    return f"--array=0-{tasks - 1}" + (f"%{max_parallel}" if max_parallel else "")
+
+
 def cluster_has_gpus() -> bool:
     """Whether the cluster offers GPUs (a gres named gpu); with none, ranks run on CPUs and no GPU is requested.
     Unknown (no sinfo here, as on a laptop with --dry_run): assume a GPU cluster."""
@@ -78,6 +97,17 @@ def active_job_for(run_dir: Path) -> str | None:
         job, _, comment = line.partition(" ")
         if comment.strip() == f"launcher:{run_dir}":
             return job
+    return None
+
+
+def job_state(job: str) -> str | None:
+    """JobState of a job or array task (`123_4`) while the controller remembers it (MinJobAge), else None."""
+    if shutil.which("scontrol") is None:
+        return None
+    result = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    for field in result.stdout.split():
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
     return None
 
 

@@ -99,6 +99,9 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
     args = SFTConfig(output_dir=str(checkpoints.directory(run_dir)), deepspeed=ds, use_cpu=not on_gpu, **training)
     if args.world_size != world:  # reading it joins the process group: ZeRO-3 partitions the model at build time
         raise RuntimeError(f"the trainer sees world size {args.world_size}, the launcher started {world} ranks")
+    if not on_gpu:  # CPU ranks talk over gloo. DeepSpeed's shared-memory collectives are a C++ build at first use,
+        # and a build killed half-way leaves a lock file that makes every later start wait on it forever.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed()  # on CPU accelerate joins through torch alone; DeepSpeed must see that group too
 
     # --- model (a new head for classification), frozen parts, LoRA adapters when the recipe asks

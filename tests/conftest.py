@@ -17,11 +17,14 @@ SMOKE = REPO / "recipes" / "smoke.yaml"
 # test), and Hugging Face caches of this test session only, so nothing a previous run left behind is read back.
 # Every process the tests start inherits this.
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-if "LAUNCHER_TEST_HF_HOME" not in os.environ:
+if "LAUNCHER_TEST_CACHE" not in os.environ:
     import tempfile
 
-    os.environ["LAUNCHER_TEST_HF_HOME"] = tempfile.mkdtemp(prefix="launcher-test-hf-")
-os.environ["HF_HOME"] = os.environ["LAUNCHER_TEST_HF_HOME"]
+    os.environ["LAUNCHER_TEST_CACHE"] = tempfile.mkdtemp(prefix="launcher-test-cache-")
+os.environ["HF_HOME"] = os.environ["LAUNCHER_TEST_CACHE"]
+# DeepSpeed's C++ ops (built on first use by scripts that start DeepSpeed directly) go there too: a build killed in
+# an earlier run leaves a lock file in ~/.cache/torch_extensions that torch waits on forever.
+os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(os.environ["LAUNCHER_TEST_CACHE"], "torch_extensions")
 
 
 def cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

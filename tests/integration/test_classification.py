@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, cli
 from tests.integration.test_deepspeed_launch import assert_every_rank_wrote_shards, launch
 from tests.integration.test_wandb import history_of, records
-from tests.unit.test_classification import BASE, sentiment_recipe
+from tests.unit.test_heads import BASE, sentiment_recipe
 
 pytestmark = pytest.mark.integration
 
