@@ -34,14 +34,20 @@ def tiny_config(config: dict) -> dict:
 
 
 def build_model(config: dict, seed: int = 0):
-    """A randomly initialised (seeded) model of the tiny config, via AutoModelForCausalLM.from_config."""
+    """A randomly initialised (seeded) model of the tiny config, of the class config.json names (a causal LM when it
+    names none): an encoder's base model stays one, for the head a classification recipe puts on it."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
 
     settings = tiny_config(config)
     model_type = settings.pop("model_type")
+    architecture = (config.get("architectures") or [""])[0]
+    cls = getattr(transformers, architecture, None) or transformers.AutoModelForCausalLM
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings), dtype=torch.float32)
+    tiny = transformers.AutoConfig.for_model(model_type, **settings)
+    if cls is transformers.AutoModelForCausalLM:
+        return cls.from_config(tiny, dtype=torch.float32)
+    return cls._from_config(tiny, dtype=torch.float32)  # what from_config calls on the class itself
 
 
 def stand_in_tokenizer(config: dict) -> Path | None:

@@ -33,12 +33,14 @@ def cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 60
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def smoke_recipe(tmp_path: Path, name: str = "recipe.yaml", drop: tuple[str, ...] = (), **sections) -> Path:
-    """The smoke recipe with sections updated (dicts) or replaced, `drop` keys ("run.name") removed, written to
-    tmp_path with absolute paths."""
-    raw = yaml.safe_load(SMOKE.read_text())
+def shipped_recipe(source: Path, tmp_path: Path, name: str = "recipe.yaml", drop: tuple[str, ...] = (),
+                   **sections) -> Path:
+    """A shipped recipe with sections updated (dicts) or replaced, `drop` keys ("run.name") removed, written to
+    tmp_path with absolute paths and its run directory there."""
+    raw = yaml.safe_load(source.read_text())
     raw["model"]["name_or_path"] = str(REPO / raw["model"]["name_or_path"])
-    raw["data"]["train"][0]["path"] = str(REPO / raw["data"]["train"][0]["path"])
+    for spec in [*raw["data"]["train"], *raw["data"].get("eval", [])]:
+        spec["path"] = str(REPO / spec["path"])
     raw["deepspeed"]["config"] = str(REPO / raw["deepspeed"]["config"])
     raw["run"]["output_dir"] = str(tmp_path / "run")
     for section, value in sections.items():
@@ -52,6 +54,10 @@ def smoke_recipe(tmp_path: Path, name: str = "recipe.yaml", drop: tuple[str, ...
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def smoke_recipe(tmp_path: Path, name: str = "recipe.yaml", drop: tuple[str, ...] = (), **sections) -> Path:
+    return shipped_recipe(SMOKE, tmp_path, name, drop, **sections)
 
 
 @pytest.fixture

@@ -80,6 +80,9 @@ def test_smoke_recipe_zero3_full_finetune_learns(tmp_path):
     assert_final_eval_loss_matches(run_dir)
     assert result.stdout.strip().splitlines()[-1] == f"finished: {run_dir / 'final'}"
     assert_evaluate_reports(run_dir / "final", first_loss=curve[0])
+    evals = [e for e in json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())["log_history"]
+             if "eval_loss" in e]
+    assert evals and all(e["eval_perplexity"] == pytest.approx(math.exp(e["eval_loss"])) for e in evals)
 
 
 def assert_evaluate_reports(final: Path, first_loss: float) -> None:

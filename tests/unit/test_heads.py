@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from launcher import classify
-from tests.conftest import REPO, cli
+from tests.conftest import REPO, cli, shipped_recipe
 from tests.unit.test_validation import assert_rejected
 
 SENTIMENT = REPO / "recipes" / "sentiment.yaml"
@@ -20,24 +19,7 @@ BASE = REPO / "recipes" / "sentiment" / "model"
 
 
 def sentiment_recipe(tmp_path: Path, drop: tuple[str, ...] = (), **sections) -> Path:
-    """The shipped sentiment recipe with absolute paths, sections updated (dicts) or replaced, keys dropped."""
-    raw = yaml.safe_load(SENTIMENT.read_text())
-    raw["model"]["name_or_path"] = str(BASE)
-    for split in ("train", "eval"):
-        raw["data"][split][0]["path"] = str(REPO / raw["data"][split][0]["path"])
-    raw["deepspeed"]["config"] = str(REPO / raw["deepspeed"]["config"])
-    raw["run"]["output_dir"] = str(tmp_path / "run")
-    for section, value in sections.items():
-        if isinstance(value, dict) and isinstance(raw.get(section), dict):
-            raw[section].update(value)
-        else:
-            raw[section] = value
-    for dotted in drop:
-        section, key = dotted.split(".")
-        del raw[section][key]
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    return shipped_recipe(SENTIMENT, tmp_path, drop=drop, **sections)
 
 
 def plan_json(recipe: Path, *flags) -> dict:

@@ -16,7 +16,9 @@ from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem
 from launcher import memory
 from tests.conftest import REPO
 
-SHIPPED = sorted(set(REPO.glob("recipes/*/model/config.json")) | set(REPO.glob("recipes/**/config.json")))
+# The decoder configs shipped; the encoder of the sentiment recipe has no formula, plan counts it on the meta device.
+SHIPPED = sorted(p for p in set(REPO.glob("recipes/*/model/config.json")) | set(REPO.glob("recipes/**/config.json"))
+                 if json.loads(p.read_text())["model_type"] in memory.FAMILIES)
 TINY = {"vocab_size": 32064, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 3,
         "num_attention_heads": 4}  # vocab: phi3's default pad_token_id is 32000
 SMALL = {

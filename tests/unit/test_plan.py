@@ -32,8 +32,9 @@ def test_shipped_files_exist():
     assert len(RECIPES) >= 4 and len(DS_CONFIGS) >= 3
 
 
-# The smoke recipe's global batch of 32 fits up to 2 ranks of 16; the GPU recipes are made for 8 GPUs a node.
-PLANS = [(r, n) for r in RECIPES for n in ((1, 2) if r.name == "smoke.yaml" else (1, 8))]
+# The CPU demos' global batch of 32 fits up to 2 ranks of 16; the GPU recipes are made for 8 GPUs a node.
+CPU_DEMOS = ("smoke.yaml", "sentiment.yaml")
+PLANS = [(r, n) for r in RECIPES for n in ((1, 2) if r.name in CPU_DEMOS else (1, 8))]
 
 
 @pytest.mark.parametrize(("recipe", "gpus"), PLANS, ids=[f"{r.relative_to(REPO)}-{n}" for r, n in PLANS])
