@@ -16,7 +16,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from launcher import checkpoints, model_card
+from launcher import checkpoints, memory, model_card
 from launcher.errors import RecipeError
 from launcher.safetensors_stream import write_model
 from launcher.zero_checkpoint import ZeroCheckpoint, find_step_dir
@@ -146,7 +146,7 @@ def _unique(zero: ZeroCheckpoint):
 
 def _check_names(zero: ZeroCheckpoint, config_dir: str, source: Path) -> None:
     """Every tensor the model expects is there with its shape, and nothing else."""
-    expected = meta_shapes(config_dir)
+    expected = expected_shapes(config_dir, source)
     saved = {e.name: e.shape for e in _unique(zero)}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
@@ -155,6 +155,18 @@ def _check_names(zero: ZeroCheckpoint, config_dir: str, source: Path) -> None:
         if names:
             raise RecipeError(f"{source}: {len(names)} tensors {label} for this model's config.json, e.g. "
                               f"{', '.join(names[:3])}; is --base_model the model that was trained?")
+
+
+def expected_shapes(config_dir: str, source: Path) -> dict[str, tuple[int, ...]]:
+    """The parameters the config describes: from the known decoder layouts (launcher/memory.py: no transformers
+    import, which costs seconds), else from the model built on the meta device."""
+    config = read_config(config_dir, source)
+    if (config.get("architectures") or ["ForCausalLM"])[0].endswith("ForCausalLM"):
+        try:
+            return memory.named_shapes(config)
+        except memory.UnknownArchitecture:
+            pass
+    return meta_shapes(config_dir)
 
 
 def meta_shapes(config_dir: str) -> dict[str, tuple[int, ...]]:
@@ -202,58 +214,75 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
     write_model(weights, out, dtype, shard_bytes, progress=lambda _: None)
 
 
-def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progress=print) -> None:
-    """config.json with the dtype written, generation_config.json whose EOS is the chat's end of turn, tokenizer."""
-    from transformers import AutoConfig, GenerationConfig
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
-    config = AutoConfig.from_pretrained(config_dir)
-    config.dtype = dtype
-    config.save_pretrained(out)
+
+def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progress=print) -> None:
+    """config.json with the dtype written, generation_config.json whose EOS is the chat's end of turn, tokenizer.
+
+    A checkpoint the launcher's worker wrote carries its tokenizer and a generation config that already stops at
+    the end of turn: they are copied as they are, and config.json is edited as JSON, so consolidating a full
+    fine-tune never imports transformers (seconds). Other checkpoints get them rebuilt with transformers."""
+    config = read_config(config_dir, source)
+    config["dtype"] = dtype
+    config.pop("torch_dtype", None)  # the older name of the same key
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generates = not (config.get("architectures") or [""])[0].endswith("ForSequenceClassification")
+    copied = [f for f in TOKENIZER_FILES if (source / f).is_file()]
+    if "tokenizer_config.json" in copied and checkpoints.is_complete(source):
+        for name in copied + (["generation_config.json"] if generates else []):
+            if (source / name).is_file():
+                shutil.copyfile(source / name, out / name)
+        if generates and not (out / "generation_config.json").is_file():
+            _write_generation_config(config, out)
+        return
     tokenizer = _tokenizer(source, config_dir)
     if tokenizer is None:
         progress("  no tokenizer beside the checkpoint or in the base model: the model is written without one")
     else:
         tokenizer.save_pretrained(out)
-    if (config.architectures or [""])[0].endswith("ForSequenceClassification"):
+    if not generates:
         return  # a classifier generates nothing: no generation config
+    if tokenizer is None:
+        local = Path(config_dir) / "generation_config.json"
+        if local.is_file():
+            shutil.copyfile(local, out / "generation_config.json")
+        else:
+            _write_generation_config(config, out)
+        return
+    from transformers import GenerationConfig
+
+    from launcher.modeling import stop_at_end_of_turn
+
     try:
         generation = GenerationConfig.from_pretrained(config_dir)
     except OSError:
-        generation = GenerationConfig.from_model_config(config)
-    if tokenizer is not None:
-        end_of_turn = end_of_turn_id(tokenizer)
-        eos = generation.eos_token_id
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
-        if end_of_turn is not None and end_of_turn not in eos:
-            generation.eos_token_id = eos + [end_of_turn]
-        if generation.pad_token_id is None:
-            generation.pad_token_id = tokenizer.pad_token_id
+        generation = GenerationConfig.from_dict(_generation_from_config(config))
+    stop_at_end_of_turn(generation, tokenizer)
     generation.save_pretrained(out)
 
 
+def _generation_from_config(config: dict) -> dict:
+    """The token ids a generation config takes from the model's config when the model ships none."""
+    return {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+            if config.get(k) is not None}
+
+
+def _write_generation_config(config: dict, out: Path) -> None:
+    (out / "generation_config.json").write_text(json.dumps(_generation_from_config(config), indent=2) + "\n")
+
+
 def _tokenizer(source: Path, base: str):
+    refs = [ref for ref in (source, base) if not Path(ref).is_dir() or (Path(ref) / "tokenizer_config.json").is_file()]
+    if not refs:
+        return None
     from transformers import AutoTokenizer
 
-    for ref in (source, base):
-        if Path(ref).is_dir() and not (Path(ref) / "tokenizer_config.json").is_file():
-            continue
+    for ref in refs:
         try:
             return AutoTokenizer.from_pretrained(ref)
         except (OSError, ValueError):
             continue
     return None
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The token the chat template closes an assistant turn with: what generation must stop at."""
-    if not tokenizer.chat_template:
-        return tokenizer.eos_token_id
-    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "MARKER"}]
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    ids = ids["input_ids"] if isinstance(ids, dict) else ids
-    marker = tokenizer.encode("MARKER", add_special_tokens=False)
-    for i in range(len(ids) - len(marker), -1, -1):
-        if ids[i : i + len(marker)] == marker:
-            after = ids[i + len(marker) :]
-            return next((t for t in after if t in tokenizer.all_special_ids), None)
-    return tokenizer.eos_token_id

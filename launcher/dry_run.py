@@ -169,6 +169,8 @@ def _dry_run(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, re
         deepspeed.init_distributed()
         set_seed(seed)
         model = modeling.load_model(dry, on_gpu)
+        if dry.task == "sft":
+            modeling.stop_at_end_of_turn(model.generation_config, tokenizer)
         freeze.apply(model, dry.freeze, recipe_path)
     stages, reload = (_sft_stages, _reload_sft) if dry.task == "sft" else (_head_stages, _reload_head)
     trainer = stages(report, dry, recipe_path, model, args, tokenizer, train_set, eval_set, run_dir, ds)

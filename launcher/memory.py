@@ -8,6 +8,7 @@ Only the standard library may be imported at module level: importing torch alone
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -67,13 +68,17 @@ def _flag(fixed: bool | None, config: dict, key: str) -> bool:
     return bool(config.get(key, False)) if fixed is None else fixed
 
 
-def _linear(fan_in: int, fan_out: int, bias: bool) -> int:
-    """Parameters of one nn.Linear."""
-    return fan_in * fan_out + (fan_out if bias else 0)
+def _linear(name: str, fan_in: int, fan_out: int, bias: bool) -> dict[str, tuple[int, ...]]:
+    """The parameters of one nn.Linear, by name."""
+    return {f"{name}.weight": (fan_out, fan_in), **({f"{name}.bias": (fan_out,)} if bias else {})}
 
 
-def _layer_modules(config: dict, fam: Family) -> list[int]:
-    """Parameters held directly by each module of one decoder layer."""
+NORMS = {2: ("input_layernorm", "post_attention_layernorm"),
+         4: ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")}
+
+
+def _layer(config: dict, fam: Family, prefix: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of one decoder layer's parameters, as the transformers model names them."""
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     heads = config["num_attention_heads"]
     # a key left out takes the class default; an explicit null is derived from the head count, as on loading
@@ -82,28 +87,47 @@ def _layer_modules(config: dict, fam: Family) -> list[int]:
     qkv_bias, o_bias = _flag(fam.qkv_bias, config, "attention_bias"), _flag(fam.o_bias, config, "attention_bias")
     mlp_bias = _flag(fam.mlp_bias, config, "mlp_bias")
     q, kv = heads * head_dim, kv_heads * head_dim
+    attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
     if fam.fused:
-        projections = [_linear(hidden, q + 2 * kv, qkv_bias), _linear(hidden, 2 * inter, mlp_bias)]
+        out = {**_linear(f"{attn}.qkv_proj", hidden, q + 2 * kv, qkv_bias),
+               **_linear(f"{mlp}.gate_up_proj", hidden, 2 * inter, mlp_bias)}
     else:
-        projections = [_linear(hidden, q, qkv_bias), *[_linear(hidden, kv, qkv_bias)] * 2,
-                       *[_linear(hidden, inter, mlp_bias)] * 2]
-    projections += [_linear(q, hidden, o_bias), _linear(inter, hidden, mlp_bias)]
-    norms = [hidden] * fam.norms_per_layer + ([head_dim] * 2 if fam.qk_norm else [])
-    return projections + norms
+        out = {**_linear(f"{attn}.q_proj", hidden, q, qkv_bias), **_linear(f"{attn}.k_proj", hidden, kv, qkv_bias),
+               **_linear(f"{attn}.v_proj", hidden, kv, qkv_bias),
+               **_linear(f"{mlp}.gate_proj", hidden, inter, mlp_bias), **_linear(f"{mlp}.up_proj", hidden, inter,
+                                                                                 mlp_bias)}
+    out.update({**_linear(f"{attn}.o_proj", q, hidden, o_bias), **_linear(f"{mlp}.down_proj", inter, hidden, mlp_bias)})
+    out.update({f"{prefix}.{norm}.weight": (hidden,) for norm in NORMS[fam.norms_per_layer]})
+    if fam.qk_norm:
+        out.update({f"{attn}.q_norm.weight": (head_dim,), f"{attn}.k_norm.weight": (head_dim,)})
+    return out
 
 
-def count_params(config: dict) -> ParamCount:
-    """Exact parameter count of a known decoder-only transformer from its HF config dict."""
+def named_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every parameter of a known decoder-only *ForCausalLM, by its transformers name, with its shape; a tied
+    lm_head is left out (it is the embedding). What plan counts and consolidation checks checkpoints against,
+    without importing transformers. Raises UnknownArchitecture for other models."""
     fam = family(config)
     missing = [key for key in SIZE_KEYS if key not in config]
     if missing:
         raise UnknownArchitecture(f"config.json lacks {', '.join(missing)}; count it on the meta device instead")
-    layer = _layer_modules(config, fam)
-    embeddings, hidden = config["vocab_size"] * config["hidden_size"], config["hidden_size"]
-    tied = bool(config.get("tie_word_embeddings", fam.tied))
-    total = embeddings * (1 if tied else 2) + config["num_hidden_layers"] * sum(layer) + hidden  # + final norm
-    # a tied lm_head still lists the shared weight among its own parameters, so it is as large as the embedding
-    return ParamCount(total, max(embeddings, hidden, *layer))
+    vocab, hidden = config["vocab_size"], config["hidden_size"]
+    out = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(config["num_hidden_layers"]):
+        out.update(_layer(config, fam, f"model.layers.{i}"))
+    out["model.norm.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings", fam.tied):
+        out["lm_head.weight"] = (vocab, hidden)
+    return out
+
+
+def count_params(config: dict) -> ParamCount:
+    """Exact parameter count of a known decoder-only transformer from its HF config dict."""
+    modules: dict[str, int] = {}
+    for name, shape in named_shapes(config).items():
+        module = name.rsplit(".", 1)[0]
+        modules[module] = modules.get(module, 0) + math.prod(shape)
+    return ParamCount(sum(modules.values()), max(modules.values()))
 
 
 def linear_module_names(config: dict) -> set[str]:

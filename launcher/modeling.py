@@ -143,3 +143,30 @@ def linear_names(model) -> list[str]:
 
     return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
                    if isinstance(mod, torch.nn.Linear)})
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the chat template closes an assistant turn with: what generation must stop at."""
+    if not tokenizer.chat_template:
+        return tokenizer.eos_token_id
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "MARKER"}]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    ids = ids["input_ids"] if isinstance(ids, dict) else ids
+    marker = tokenizer.encode("MARKER", add_special_tokens=False)
+    for i in range(len(ids) - len(marker), -1, -1):
+        if ids[i : i + len(marker)] == marker:
+            after = ids[i + len(marker) :]
+            return next((t for t in after if t in tokenizer.all_special_ids), None)
+    return tokenizer.eos_token_id
+
+
+def stop_at_end_of_turn(generation, tokenizer) -> None:
+    """Make a generation config stop where the chat template ends the assistant's turn, and pad with the
+    tokenizer's pad token: what serving the model needs (the model's own EOS may be another token)."""
+    end = end_of_turn_id(tokenizer)
+    eos = generation.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if end is not None and end not in eos:
+        generation.eos_token_id = eos + [end]
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id

@@ -107,6 +107,8 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
     # --- model (a new head for classification), frozen parts, LoRA adapters when the recipe asks
     set_seed(seed)
     model = modeling.load_model(recipe, on_gpu)
+    if recipe.task == "sft":  # saved with every checkpoint, which consolidation then copies as it is
+        modeling.stop_at_end_of_turn(model.generation_config, tokenizer)
     trainable = freeze.apply(model, recipe.freeze, recipe_path)
     peft_config = modeling.lora_config(recipe, model, recipe_path)
 

@@ -70,6 +70,18 @@ def test_count_matches_the_real_model(tmp_path, case, form):
     assert memory.count_params(config) == memory.count_params_meta(write(tmp_path, config))
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("case", SMALL, ids=list(SMALL))
+def test_names_and_shapes_match_the_real_model(tmp_path, case, form):
+    """What consolidation checks checkpoints against without transformers: every parameter, named and shaped as
+    the model has it (a tied lm_head left out: transformers re-ties it)."""
+    config = config_dict(*SMALL[case], form)
+    model = meta_model(write(tmp_path, config))
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    real = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False) if name not in tied}
+    assert memory.named_shapes(config) == real
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO)) for p in SHIPPED])
 def test_count_matches_for_shipped_configs(path):
     assert memory.count_params(json.loads(path.read_text())) == memory.count_params_meta(str(path))

@@ -72,3 +72,15 @@ def test_stand_in_tokenizer_renders_llama_3_1_chat():
 
 def test_no_stand_in_for_an_unknown_family():
     assert tiny.stand_in_tokenizer({"model_type": "qwen2", "vocab_size": 151936}) is None
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn():
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from launcher import modeling
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "recipes/smoke/model")
+    generation = GenerationConfig(eos_token_id=7)  # a model whose own EOS is not the chat's end of turn
+    modeling.stop_at_end_of_turn(generation, tokenizer)
+    assert generation.eos_token_id == [7, tokenizer.convert_tokens_to_ids("<|eos|>")]
+    assert generation.pad_token_id == tokenizer.pad_token_id
