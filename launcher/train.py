@@ -200,7 +200,7 @@ def summary(trainer, run_dir: Path) -> str:
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     if evals:
         shown = [k for k in ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1", "eval_mse") if k in evals[-1]]
-        lines[0] += "; " + ", ".join(f"{k.removeprefix('eval_')} {evals[-1][k]:.4g}" for k in shown)
+        lines[0] += "; last eval: " + ", ".join(f"{k.removeprefix('eval_')} {evals[-1][k]:.4g}" for k in shown)
     checkpoint = resolve_checkpoint(run_dir)  # the newest complete one, as consolidation picks it
     lines += [f"run directory: {run_dir}", f"checkpoint:    {checkpoint} (ZeRO shards of every rank)"]
     return "\n".join(lines)
