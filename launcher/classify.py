@@ -10,14 +10,17 @@ import numpy as np
 from launcher.data import label_id
 
 
+def target(value, task: str, labels: list[str]) -> float | int:
+    """A row's label as the head trains on it: a number for regression, the label's id for classification."""
+    return float(value) if task == "regression" else label_id(value, labels)
+
+
 def encode(ds, tokenizer, recipe, max_length: int):
     """text + label rows -> input ids, attention mask (and token types) and integer (or float) labels."""
-    regression = recipe.task == "regression"
-    labels = recipe.head.labels
 
     def batch(rows):
         out = tokenizer(rows["text"], truncation=True, max_length=max_length)
-        out["labels"] = [float(v) if regression else label_id(v, labels) for v in rows["label"]]
+        out["labels"] = [target(v, recipe.task, recipe.head.labels) for v in rows["label"]]
         return out
 
     return ds.map(batch, batched=True, remove_columns=ds.column_names, desc="tokenizing")

@@ -13,6 +13,7 @@ import sys
 
 from launcher import checkpoints, rundir, topology, tracking
 from launcher import plan as plans
+from launcher import recipe as recipes
 from launcher.errors import EXIT_BAD_INPUT, RecipeError, exits_cleanly
 from launcher.preflight import check as check_data_and_tokenizer
 from launcher.schema import did_you_mean
@@ -26,8 +27,8 @@ def _split(overrides: dict) -> dict:
         overrides = dict(overrides)
         overrides["run.resume"] = str(overrides.pop("resume"))
     for key in overrides:
-        if "." not in key:
-            known = (*LAUNCH_FLAGS, "format", "resume")
+        if not recipes.is_override(key):
+            known = (*LAUNCH_FLAGS, "format", "resume", *recipes.TOP_LEVEL)
             raise RecipeError(f"command line: unknown option --{key}{did_you_mean(key, known)}; "
                               "recipe overrides look like --section.key=value")
     return overrides
@@ -93,7 +94,6 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     """Submit RECIPE as a Slurm job (flags override the recipe's `slurm` section); --dry_run prints the job script
     and submits nothing. The job resumes from the run's newest complete checkpoint and requeues itself on USR1.
     --preflight [--tiny]: first the dry run of `train` here, for the job's ranks; nothing is submitted if it fails."""
-    from launcher import recipe as recipes
     from launcher import slurm
 
     flags = {"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition, "time": time,

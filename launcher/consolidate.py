@@ -18,6 +18,7 @@ from pathlib import Path
 
 from launcher import checkpoints, memory, model_card
 from launcher.errors import RecipeError
+from launcher.modeling import is_classifier
 from launcher.safetensors_stream import write_model
 from launcher.zero_checkpoint import ZeroCheckpoint, find_step_dir
 
@@ -229,7 +230,7 @@ def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progre
     config["dtype"] = dtype
     config.pop("torch_dtype", None)  # the older name of the same key
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    generates = not (config.get("architectures") or [""])[0].endswith("ForSequenceClassification")
+    generates = not is_classifier(config)
     copied = [f for f in TOKENIZER_FILES if (source / f).is_file()]
     if "tokenizer_config.json" in copied and checkpoints.is_complete(source):
         for name in copied + (["generation_config.json"] if generates else []):

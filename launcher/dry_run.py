@@ -275,8 +275,8 @@ def _head_stages(report, dry, recipe_path, model, args, tokenizer, train_set, ev
             values = [float(v) for v in train_set["label"]]
             report.add("labels", f"regression targets from {min(values):.4g} to {max(values):.4g}")
         report.lines.append(f"      example: {train_set[0]['text'][:SHOWN_CHARS]!r} -> {train_set[0]['label']!r}")
-    trainable, total = freeze.counts(trainer.model)
-    report.add("trainable", freeze.describe(trainable, total))
+    report.add("trainable", freeze.describe(modeling.parameter_count(trainer.model, trainable_only=True),
+                                            modeling.parameter_count(trainer.model)))
     return trainer
 
 
@@ -421,9 +421,7 @@ def _span(tokenizer, ids: list[int], carrying: bool) -> str:
 
 
 def lora_line(report: Report, model, recipe) -> None:
-    from launcher.train import parameter_count
-
-    total, trainable = parameter_count(model), parameter_count(model, trainable_only=True)
+    total, trainable = modeling.parameter_count(model), modeling.parameter_count(model, trainable_only=True)
     if recipe.lora is None:
         report.add("LoRA targets", f"none (full fine-tune); {trainable:,} of {total:,} parameters trainable")
         return

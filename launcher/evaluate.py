@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from launcher.errors import RecipeError
+from launcher.modeling import auto_class_for, is_classifier
 from launcher.schema import DatasetSpec
 
 
@@ -22,7 +23,7 @@ def evaluate(model_dir: str, data: str, split: str = "train", output: str | None
              max_rows: int | None = None, prompts: int = 3, max_new_tokens: int = 48) -> dict:
     directory = Path(model_dir)
     config = _config(directory)
-    classifier = (config.get("architectures") or [""])[0].endswith("ForSequenceClassification")
+    classifier = is_classifier(config)
     task = ("regression" if config.get("problem_type") == "regression" or config.get("num_labels") == 1
             else "classification") if classifier else "sft"
     labels = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))] if classifier else []
@@ -34,7 +35,7 @@ def evaluate(model_dir: str, data: str, split: str = "train", output: str | None
     rows = datasets_.load_one(DatasetSpec(path=_data_ref(data), split=split), "command line", "--data", task, labels)
     if max_rows:
         rows = rows.select(range(min(max_rows, len(rows))))
-    model, tokenizer = _load(directory, classifier)
+    model, tokenizer = _load(directory, config)
     print(f"evaluating {directory} ({config['architectures'][0]}) on {data}: {len(rows)} rows", flush=True)
     if classifier:
         result = {"task": task, **_classifier_metrics(model, tokenizer, rows, task, labels, batch_size)}
@@ -71,15 +72,13 @@ def _data_ref(data: str) -> str:
     return data  # a hub id
 
 
-def _load(directory: Path, classifier: bool):
+def _load(directory: Path, config: dict):
     import torch
     from transformers import AutoTokenizer
 
-    from launcher.modeling import auto_class
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = auto_class("classification" if classifier else "sft").from_pretrained(directory, dtype=torch.float32)
+        model = auto_class_for(config).from_pretrained(directory, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise RecipeError(f"{directory}: cannot load the model or its tokenizer ({str(err).splitlines()[0]})"
                           ) from None
@@ -93,7 +92,6 @@ def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], ba
     import torch
 
     from launcher import classify
-    from launcher.data import label_id
 
     outputs, targets = [], []
     with torch.no_grad():
@@ -102,7 +100,7 @@ def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], ba
             encoded = tokenizer(batch["text"], truncation=True, padding=True, return_tensors="pt",
                                 max_length=min(tokenizer.model_max_length, 4096))
             outputs.append(model(**encoded).logits.float())
-            targets += [float(v) if task == "regression" else label_id(v, labels) for v in batch["label"]]
+            targets += [classify.target(v, task, labels) for v in batch["label"]]
     logits = torch.cat(outputs)
     if task == "regression":
         return classify.regression_metrics((logits.numpy(), np.array(targets)))

@@ -10,6 +10,7 @@ import fnmatch
 import re
 
 from launcher.errors import RecipeError
+from launcher.modeling import parameter_count
 from launcher.schema import FreezeSection
 
 # `model.layers.3.`, `bert.encoder.layer.3.`, `transformer.h.3.`, `blocks.3.`: the index of a transformer layer.
@@ -56,13 +57,7 @@ def apply(model, freeze: FreezeSection | None, where: str) -> tuple[int, int]:
     named = dict(model.named_parameters())
     for name in frozen_names(list(named), freeze, where):
         named[name].requires_grad_(False)
-    return counts(model)
-
-
-def counts(model) -> tuple[int, int]:
-    """(trainable, total); under ZeRO-3 each rank holds a slice, ds_numel is the whole tensor's size."""
-    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
-    return sum(n for n, trains in sizes if trains), sum(n for n, _ in sizes)
+    return parameter_count(model, trainable_only=True), parameter_count(model)
 
 
 def describe(trainable: int, total: int) -> str:

@@ -148,7 +148,11 @@ def count_params_meta(config_path: str) -> ParamCount:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_path))
+        return count_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_path)))
+
+
+def count_model(model) -> ParamCount:
+    """The count of a built (e.g. meta-device) model."""
     # parameters() yields a tied weight once; DeepSpeed dedupes by data_ptr, which is 0 for every meta tensor
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())

@@ -50,10 +50,14 @@ def auto_class(task: str):
     return transformers.AutoModelForCausalLM if task == "sft" else transformers.AutoModelForSequenceClassification
 
 
+def is_classifier(config: dict) -> bool:
+    """Whether a saved model's config.json names a sequence-classification (or regression) head."""
+    return (config.get("architectures") or [""])[0].endswith("ForSequenceClassification")
+
+
 def auto_class_for(config: dict):
     """The Auto class that builds a saved model, from the architecture its config.json names."""
-    architectures = config.get("architectures") or [""]
-    return auto_class("classification" if architectures[0].endswith("ForSequenceClassification") else "sft")
+    return auto_class("classification" if is_classifier(config) else "sft")
 
 
 def head_config(recipe: Recipe) -> dict:
@@ -136,6 +140,11 @@ def lora_config(recipe: Recipe, model, where: str):
                                   f"{', '.join(linear_names(model))}")
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                       target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None)
+
+
+def parameter_count(model, trainable_only: bool = False) -> int:
+    """All (or the trainable) parameters; under ZeRO-3 each rank holds a slice, ds_numel is the whole tensor's size."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def linear_names(model) -> list[str]:

@@ -64,9 +64,7 @@ def trainable_params(recipe: Recipe, config: dict | None, where: str):
     from launcher import freeze, modeling
 
     model = modeling.meta_model(recipe)
-    trainable = freeze.apply(model, recipe.freeze, where)
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return trainable, memory.ParamCount(trainable[1], largest)
+    return freeze.apply(model, recipe.freeze, where), memory.count_model(model)
 
 
 def check_lora_targets(recipe: Recipe, config: dict | None, where: str) -> None:

@@ -14,6 +14,12 @@ from launcher.errors import RecipeError
 from launcher.schema import Recipe
 
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+TOP_LEVEL = frozenset(f.name for f in dataclasses.fields(Recipe))
+
+
+def is_override(key: str) -> bool:
+    """A command-line key that sets the recipe: dotted (--training.learning_rate) or a top-level key (--task)."""
+    return "." in key or key in TOP_LEVEL
 
 
 def load(path: str, overrides: dict[str, Any] | None = None) -> Recipe:

@@ -151,9 +151,6 @@ class FreezeSection:
                               factory=list)
 
 
-TASKS = ("sft", "classification", "regression")
-
-
 @dataclass
 class Recipe:
     run: RunSection = doc("Name and place of the run.")

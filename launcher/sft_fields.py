@@ -32,16 +32,20 @@ class Field:
 @functools.cache
 def fields() -> dict[str, Field]:
     out: dict[str, Field] = {}
-    for package, module, cls in CHAIN:
-        out.update(_class_fields(_package_dir(package) / module, cls))
+    for link in CHAIN:
+        out.update(_fields_of(*link))
     return out
 
 
 @functools.cache
 def sft_only() -> frozenset[str]:
     """The fields TRL adds to transformers' TrainingArguments: SFT data handling, which the HF Trainer ignores."""
-    package, module, cls = CHAIN[0]
-    return frozenset(set(fields()) - set(_class_fields(_package_dir(package) / module, cls)))
+    return frozenset(set(fields()) - set(_fields_of(*CHAIN[0])))
+
+
+@functools.cache
+def _fields_of(package: str, module: str, cls: str) -> dict[str, Field]:
+    return _class_fields(_package_dir(package) / module, cls)
 
 
 def default(name: str) -> Any:

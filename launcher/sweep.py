@@ -309,7 +309,7 @@ def is_finished(plan: Plan) -> bool:
 def check_flags(overrides: dict[str, Any]) -> None:
     """Dotted keys are recipe overrides; anything else is a flag `sweep` does not have."""
     for key in overrides:
-        if "." not in key and key != "resume":
+        if not recipes.is_override(key) and key != "resume":
             raise RecipeError(f"command line: unknown option --{key}{did_you_mean(key, FLAGS)}; recipe overrides "
                               "look like --section.key=value")
 

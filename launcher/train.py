@@ -132,7 +132,7 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
             print(f"freeze: {freeze.describe(*trainable)}", flush=True)
         tracker = start_tracking(recipe, run_dir, ds, world, str(batch), model)
         if tracker:
-            trainer.add_callback(tracking.make_callback(tracker, world, parameter_count(model)))
+            trainer.add_callback(tracking.make_callback(tracker, world, modeling.parameter_count(model)))
 
     # --- train; the final step always writes a sharded checkpoint
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -172,11 +172,6 @@ def start_tracking(recipe, run_dir: Path, ds: dict, world: int, batch: str, mode
     run = tracking.start(recipe, run_dir, config)
     print(f"W&B run {run.id} ({recipe.wandb.mode}): {run.url or run_dir / 'wandb'}", flush=True)
     return run
-
-
-def parameter_count(model, trainable_only: bool = False) -> int:
-    """All (or the trainable) parameters; under ZeRO-3 each rank holds a slice, ds_numel is the whole tensor's size."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def start_run_dir(run_dir: Path, recipe, ds: dict, resume: Path | None) -> None:

@@ -153,3 +153,9 @@ def test_evaluate_names_the_bad_row(tmp_path):
     config.update(architectures=["BertForSequenceClassification"], id2label={"0": "negative", "1": "positive"})
     (model / "config.json").write_text(json.dumps(config))
     assert_rejected(cli("evaluate", model, "--data", data), str(data), "row 2", "no 'label'")
+
+
+def test_the_task_is_overridden_on_the_command_line_like_any_key(tmp_path):
+    plan = plan_json(sentiment_recipe(tmp_path), "--task=regression", "--head.labels=[]")
+    assert plan["recipe"]["task"] == "regression"
+    assert_rejected(cli("plan", sentiment_recipe(tmp_path), "--tsk=regression"), "--tsk", "did you mean 'task'")
