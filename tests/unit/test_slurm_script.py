@@ -46,14 +46,30 @@ def stand_in(directory: Path, name: str, text: str) -> Path:
     return path
 
 
-@pytest.fixture
-def job(tmp_path, monkeypatch):
-    """Render the script for a 2-node job, then run it as Slurm's batch shell would; returns (rc, output, calls)."""
+def stand_ins(tmp_path: Path, monkeypatch) -> Path:
+    """srun, scontrol and the job's python as stand-ins that log their calls; their directory."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stand_in(bin_dir, "srun", SRUN)
     stand_in(bin_dir, "scontrol", SCONTROL)
     monkeypatch.setattr(sys, "executable", str(stand_in(bin_dir, "python", PYTHON)))
+    return bin_dir
+
+
+def run_batch_script(script: Path, bin_dir: Path, env: dict) -> tuple[int, str, list[str]]:
+    """Run a job script as Slurm's batch shell would, with the stand-ins first on PATH: (rc, output, calls)."""
+    calls = bin_dir.parent / "calls"
+    calls.unlink(missing_ok=True)
+    environ = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
+               "SLURM_NNODES": "2", "CALLS": str(calls), **env}
+    done = subprocess.run(["bash", script], capture_output=True, text=True, env=environ, timeout=30)
+    return done.returncode, done.stdout + done.stderr, calls.read_text().splitlines() if calls.exists() else []
+
+
+@pytest.fixture
+def job(tmp_path, monkeypatch):
+    """Render the script for a 2-node job, then run it as Slurm's batch shell would; returns (rc, output, calls)."""
+    bin_dir = stand_ins(tmp_path, monkeypatch)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     options = SlurmSection(nodes=2, gpus_per_node=4, partition="gpu", setup=["export FROM_SETUP=1"])
@@ -61,14 +77,8 @@ def job(tmp_path, monkeypatch):
     (run_dir / "job.sbatch").write_text(script)
 
     def run(**env) -> tuple[int, str, list[str]]:
-        calls = tmp_path / "calls"
-        calls.unlink(missing_ok=True)
-        environ = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-                   "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_NNODES": "2", "CALLS": str(calls),
-                   "WANDB_API_KEY": SECRET, **env}
-        done = subprocess.run(["bash", run_dir / "job.sbatch"], capture_output=True, text=True, env=environ,
-                              timeout=30)
-        return done.returncode, done.stdout + done.stderr, calls.read_text().splitlines() if calls.exists() else []
+        return run_batch_script(run_dir / "job.sbatch", bin_dir,
+                                {"SLURM_JOB_ID": "4242", "WANDB_API_KEY": SECRET, **env})
 
     run.script = script
     return run

@@ -5,10 +5,7 @@ test_slurm_script.py), and the report's ranking on hand-made trainer_state.json 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ from launcher import sweep as sweeps
 from launcher.errors import RecipeError
 from launcher.schema import SlurmSection
 from tests.conftest import cli
-from tests.unit.test_slurm_script import PYTHON, SCONTROL, SRUN, stand_in
+from tests.unit.test_slurm_script import run_batch_script, stand_ins
 
 SAFE_NAME = re.compile(r"^v\d\d[A-Za-z0-9._=+-]*$")
 
@@ -146,11 +143,7 @@ def test_slurm_dry_run_prints_one_job_array_and_submits_nothing(recipe_factory, 
 @pytest.fixture
 def array_job(tmp_path, monkeypatch):
     """The array script for 2 variants, run as Slurm would run task 1 of array 77; returns (rc, output, calls)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stand_in(bin_dir, "srun", SRUN)
-    stand_in(bin_dir, "scontrol", SCONTROL)
-    monkeypatch.setattr(sys, "executable", str(stand_in(bin_dir, "python", PYTHON)))
+    bin_dir = stand_ins(tmp_path, monkeypatch)
     dirs = [tmp_path / "sweep" / "v00-r=8", tmp_path / "sweep" / "v01-r=16"]
     for d in dirs:
         d.mkdir(parents=True)
@@ -159,14 +152,8 @@ def array_job(tmp_path, monkeypatch):
     (tmp_path / "job.sbatch").write_text(script)
 
     def run(**env) -> tuple[int, str, list[str]]:
-        calls = tmp_path / "calls"
-        calls.unlink(missing_ok=True)
-        environ = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "79",
-                   "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_NODELIST": "gpu-[a-b]",
-                   "SLURM_NNODES": "2", "CALLS": str(calls), **env}
-        done = subprocess.run(["bash", tmp_path / "job.sbatch"], capture_output=True, text=True, env=environ,
-                              timeout=30)
-        return done.returncode, done.stdout + done.stderr, calls.read_text().splitlines() if calls.exists() else []
+        return run_batch_script(tmp_path / "job.sbatch", bin_dir,
+                                {"SLURM_JOB_ID": "79", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "1", **env})
 
     run.dirs = dirs
     return run
