@@ -1,9 +1,11 @@
 # `make smoke`: set up .venv and run the main job.  `make test`: set up .venv and run every test tier.
+# `make test-unit`: tests/unit only (no deepspeed ranks, no Slurm); `make test-integration`: the multi-process tiers,
+# tests/integration and the real two-node Slurm cluster of tests/slurm.
 VENV  ?= .venv
 TORCH ?= torch==2.13.0
 PY    := $(VENV)/bin/python
 
-.PHONY: setup smoke test test-unit lint bench
+.PHONY: setup smoke test test-unit test-integration lint bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -22,7 +24,10 @@ test: setup
 	$(PY) -m pytest tests
 
 test-unit: setup
-	$(PY) -m pytest tests -m "not integration"
+	$(PY) -m pytest tests/unit
+
+test-integration: setup
+	$(PY) -m pytest tests/integration tests/slurm
 
 lint: setup
 	$(VENV)/bin/ruff check launcher tests

@@ -50,30 +50,35 @@ def marker(checkpoint: Path) -> dict:
     return json.loads((checkpoint / MARKER).read_text())
 
 
-def finished(checkpoint: Path) -> bool:
-    """Saved at the last step of training."""
+def finished(checkpoint: Path, max_steps: int | None = None) -> bool:
+    """Saved at the last step of training: the recipe's max_steps when it gives one (it may have grown since),
+    else the trainer's own count when it saved."""
     info = marker(checkpoint)
-    return info.get("step", 0) >= info.get("max_steps", float("inf"))
+    goal = max_steps if max_steps and max_steps > 0 else info.get("max_steps", float("inf"))
+    return info.get("step", 0) >= goal
 
 
-def resume_point(run_dir: Path, resume: str, world: int) -> Path | None:
-    """The checkpoint this run starts from under run.resume (auto | never | PATH), or None for a fresh start."""
-    existing = listing(run_dir)
-    if resume == "never":
-        if existing:
-            raise RecipeError(f"{run_dir}: run directory already holds checkpoints ({existing[-1].name}); continue "
-                              "it with --run.resume=auto, or pick another run.name or run.output_dir")
+def resume_point(run_dir: Path, resume: str, world: int, requeued: bool = False) -> Path | None:
+    """The checkpoint this start continues from, or None for a fresh start.
+
+    run.resume (auto | never | PATH) is for the first start: once the run directory holds complete checkpoints of
+    its own, a requeued job always continues from the newest, and so does a start with a PATH from elsewhere (PATH
+    applied again would throw away the progress since). A PATH inside the run directory rolls back to it."""
+    own = complete(run_dir)
+    if requeued or resume == "auto":
+        checkpoint = own[-1] if own else (Path(resume) if resume not in ("auto", "never") else None)
+    elif resume == "never":
+        if listing(run_dir):
+            raise RecipeError(f"{run_dir}: run directory already holds checkpoints ({listing(run_dir)[-1].name}); "
+                              "continue it with --run.resume=auto, or pick another run.name or run.output_dir")
         return None
-    if resume == "auto":
-        done = complete(run_dir)
-        if not done:
-            return None
-        checkpoint = done[-1]
     else:
-        checkpoint = Path(resume)
-        if not is_complete(checkpoint):
-            raise RecipeError(f"{checkpoint}: run.resume names a directory that is not a complete checkpoint "
-                              f"(no {MARKER}); give a checkpoint-N directory written by this launcher")
+        checkpoint = Path(resume) if not own or Path(resume).parent == directory(run_dir) else own[-1]
+    if checkpoint is None:
+        return None
+    if not is_complete(checkpoint):
+        raise RecipeError(f"{checkpoint}: run.resume names a directory that is not a complete checkpoint "
+                          f"(no {MARKER}); give a checkpoint-N directory written by this launcher")
     saved_world = marker(checkpoint).get("world_size")
     if saved_world != world:
         raise RecipeError(f"{checkpoint}: saved by {saved_world} ranks, this run has {world}; ZeRO optimizer state "

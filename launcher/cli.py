@@ -5,30 +5,27 @@ Every command takes a recipe and dotted overrides, which win over the recipe: --
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-from launcher import checkpoints, rundir, topology, tracking
+from launcher import pipeline, topology
 from launcher import plan as plans
 from launcher import recipe as recipes
 from launcher.errors import EXIT_BAD_INPUT, RecipeError, exits_cleanly
-from launcher.preflight import check as check_data_and_tokenizer
 from launcher.schema import did_you_mean
 
-LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "hostfile")
 
-
-def _split(overrides: dict) -> dict:
-    """Dotted keys are recipe overrides; anything else is a flag this command does not have."""
+def _split(overrides: dict, command) -> dict:
+    """Dotted keys are recipe overrides; anything else is a flag `command` does not have."""
     if "resume" in overrides:  # --resume auto|never|PATH: the common spelling of --run.resume
         overrides = dict(overrides)
         overrides["run.resume"] = str(overrides.pop("resume"))
     for key in overrides:
         if not recipes.is_override(key):
-            known = (*LAUNCH_FLAGS, "format", "resume", *recipes.TOP_LEVEL)
+            known = (*inspect.signature(command).parameters, "resume", *recipes.TOP_LEVEL)
             raise RecipeError(f"command line: unknown option --{key}{did_you_mean(key, known)}; "
                               "recipe overrides look like --section.key=value")
     return overrides
@@ -40,7 +37,7 @@ def plan(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_r
          format: str = "text", **overrides) -> None:
     """Validate RECIPE and print what a launch would run: recipe, DeepSpeed JSON, batch, memory, command."""
     topo = topology.from_flags(nproc_per_node, nnodes, node_rank, master_addr, master_port, hostfile)
-    resolved = plans.make(recipe, _split(overrides), topo)
+    resolved = plans.make(recipe, _split(overrides, plan), topo)
     if format == "json":
         print(json.dumps(plans.as_json(resolved), indent=2))
     elif format == "text":
@@ -62,28 +59,22 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     if dry_run:
         return train(recipe, dry_run=dry_run, tiny=tiny, nproc_per_node=topo.slots[0], nnodes=topo.nnodes,
                      **overrides)
-    resolved = plans.make(recipe, _split(overrides), topo)
-    resume = checkpoints.resume_point(resolved.run_dir, resolved.recipe.run.resume, topo.world)
-    if resume and checkpoints.finished(resume):
-        print(f"{resolved.run_dir}: already trained to the end ({resume.name}); nothing to do", flush=True)
+    run = pipeline.prepare(recipe, _split(overrides, launch), topo)
+    if run.finished:
+        print(run.status(), flush=True)
         return
-    tracking.check_credentials(resolved.recipe, recipe)
-    if resume is not None:  # a changed recipe is refused before seconds of data loading
-        rundir.check_same_recipe(resolved.run_dir, resolved.files()["recipe.yaml"])
-    check_data_and_tokenizer(resolved.recipe, recipe)
-    rundir.prepare(resolved.run_dir, resolved.files())
-    print(f"run directory {resolved.run_dir}\n{resolved.batch}\n{topo}", flush=True)
-    if resume:
-        print(f"resuming from {resume}", flush=True)
-    print(topology.shell_line(resolved.env, resolved.command), flush=True)
-    result = subprocess.run(resolved.command, env={**os.environ, **resolved.env})
-    final = resolved.run_dir / "final"
+    pipeline.write(run, run.plan.files(), first_node=topo.node_rank == 0)
+    plan = run.plan
+    print(f"run directory {run.run_dir}\n{plan.batch}\n{topo}\n{run.status()}", flush=True)
+    print(topology.shell_line(plan.env, plan.command), flush=True)
+    result = subprocess.run(plan.command, env={**os.environ, **plan.env})
+    final = run.run_dir / "final"
     if result.returncode not in (0, EXIT_BAD_INPUT):  # bad input: the rank's own line says it all
         print(f"error: training failed (deepspeed exit code {result.returncode}); the failing rank's error is "
               f"above; the same command continues the run from its newest complete checkpoint",
               file=sys.stderr, flush=True)
     elif topo.node_rank == 0:
-        print(f"finished: {final if final.is_dir() else resolved.run_dir}", flush=True)
+        print(f"finished: {final if final.is_dir() else run.run_dir}", flush=True)
     sys.exit(result.returncode)
 
 
@@ -96,48 +87,31 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     --preflight [--tiny]: first the dry run of `train` here, for the job's ranks; nothing is submitted if it fails."""
     from launcher import slurm
 
-    flags = {"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition, "time": time,
-             "account": account, "qos": qos}
-    overrides = {**_split(overrides), **{f"slurm.{k}": v for k, v in flags.items() if v is not None}}
-    options = recipes.load(recipe, overrides).slurm
-    if options.gpus_per_node is None:
-        raise RecipeError(f"{recipe}: slurm.gpus_per_node is not set; pass --gpus_per_node (ranks per node)")
-    topo = topology.Topology((options.gpus_per_node,) * options.nodes)
     if tiny and not preflight:
         raise RecipeError("command line: --tiny goes with --preflight")
+    flags = {"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition, "time": time,
+             "account": account, "qos": qos}
+    overrides = {**_split(overrides, submit), **{f"slurm.{k}": v for k, v in flags.items() if v is not None}}
+    run = pipeline.prepare(recipe, overrides, None, check_data=not preflight)  # the dry run loads the data
     if preflight:
-        train(recipe, dry_run=preflight, tiny=tiny, nproc_per_node=options.gpus_per_node, nnodes=options.nodes,
-              **overrides)  # exits non-zero, naming the stage, if any stage fails
-    resolved = plans.make(recipe, overrides, topo)
-    run_dir, rec = resolved.run_dir, resolved.recipe
-    tracking.check_credentials(rec, recipe)
-    if not preflight:  # the dry run has loaded and checked the data already
-        check_data_and_tokenizer(rec, recipe)
+        train(recipe, dry_run=preflight, tiny=tiny, **overrides)  # exits non-zero, naming the stage, if one fails
+    run_dir, rec = run.run_dir, run.recipe
     gpus = slurm.cluster_has_gpus()
-    script = slurm.render(run_dir, rec.run.name, options, rec.run.consolidate, gpus)
-    ranks = "GPU" if gpus else "CPU"
-    header = (f"run directory {run_dir}\n{resolved.batch}\n{topo} ({ranks} ranks)\nmemory: {resolved.memory}\n"
-              f"log: {slurm.log_pattern(run_dir)}")
+    script = slurm.render(run_dir, rec.run.name, rec.slurm, rec.run.consolidate, gpus)
+    header = (f"run directory {run_dir}\n{run.plan.batch}\n{run.plan.topology} ({'GPU' if gpus else 'CPU'} ranks)\n"
+              f"memory: {run.plan.memory}\n{run.status()}\nlog: {slurm.log_pattern(run_dir)}")
     if dry_run:
         print(f"{header}\n--- {run_dir / slurm.SCRIPT} (dry run: nothing written, nothing submitted)\n{script}")
         return
-    resume = checkpoints.resume_point(run_dir, rec.run.resume, topo.world)
-    if resume and checkpoints.finished(resume):
-        print(f"{run_dir}: already trained to the end ({resume.name}); nothing to submit", flush=True)
+    if run.finished:
+        print(run.status().replace("nothing to do", "nothing to submit"), flush=True)
         return
-    active = slurm.active_job_for(run_dir) if shutil.which("squeue") else None
-    if active:
-        raise RecipeError(f"{run_dir}: job {active} is already training into this run directory; wait for it or "
-                          f"cancel it (scancel {active})")
-    files = {"recipe.yaml": recipes.dump(rec), "ds_config.json": resolved.files()["ds_config.json"],
-             slurm.SCRIPT: script}
-    if resume is not None:
-        rundir.check_same_recipe(run_dir, files["recipe.yaml"])
-    rundir.prepare(run_dir, files)
+    slurm.refuse_active_job(run_dir)
+    pipeline.write(run, {**run.plan.snapshot(), slurm.SCRIPT: script})
     (run_dir / "logs").mkdir(exist_ok=True)
     job = slurm.sbatch(run_dir / slurm.SCRIPT)
-    print(f"{header}\n{'resuming from ' + resume.name if resume else 'new run'}\nsubmitted job {job}\n"
-          f"log: {slurm.log_pattern(run_dir).replace('%x', rec.run.name).replace('%j', job)}", flush=True)
+    print(f"{header}\nsubmitted job {job}\nlog: {slurm.job_log(run_dir, rec.run.name, job)}",
+          flush=True)
 
 
 @exits_cleanly
@@ -154,11 +128,11 @@ def train(recipe: str, dry_run: bool = False, tiny: bool = False, nproc_per_node
     if dry_run:
         from launcher import dry_run as dry
 
-        dry.run(recipe, _split(overrides), bool(tiny), nproc_per_node, nnodes)
+        dry.run(recipe, _split(overrides, train), bool(tiny), nproc_per_node, nnodes)
         return
     from launcher import train as worker
 
-    worker.run(recipe, _split(overrides))
+    worker.run(recipe, _split(overrides, train))
 
 
 @exits_cleanly
@@ -197,21 +171,22 @@ def sweep(recipe: str, grid: str | None = None, random: int | None = None, space
     --gpus_per_node G ...] as for submit, [--max_parallel K]). --dry_run: print what would run (with --slurm, the job
     script); nothing is written."""
     from launcher import sweep as sweeps
+    from launcher import sweep_space
 
-    sweeps.check_flags(overrides)
-    points, spec = sweeps.points_from_flags(grid, random, space, seed)
+    overrides = _split(overrides, sweep)
+    points, spec = sweep_space.points_from_flags(grid, random, space, seed)
     flags = {"nodes": nodes, "gpus_per_node": gpus_per_node, "partition": partition, "time": time,
              "account": account, "qos": qos}
     if slurm:
         if nproc_per_node is not None or master_port is not None:
             raise RecipeError("command line: --nproc_per_node and --master_port are for sweeps here; a Slurm sweep "
                               "takes --gpus_per_node (ranks per node) and picks its ports itself")
-        sweeps.on_slurm(recipe, _split(overrides), points, spec, flags, max_parallel, bool(dry_run))
+        sweeps.on_slurm(recipe, overrides, points, spec, flags, max_parallel, bool(dry_run))
         return
     given = [f"--{k}" for k, v in {**flags, "max_parallel": max_parallel}.items() if v is not None]
     if given:
         raise RecipeError(f"command line: {', '.join(given)} {'go' if len(given) > 1 else 'goes'} with --slurm")
-    failed = sweeps.here(recipe, _split(overrides), points, spec, nproc_per_node, master_port, bool(dry_run))
+    failed = sweeps.here(recipe, overrides, points, spec, nproc_per_node, master_port, bool(dry_run))
     sys.exit(1 if failed else 0)
 
 
@@ -220,20 +195,35 @@ def sweep_report(sweep_dir: str, metric: str | None = None, format: str = "text"
     """The variants of a sweep (SWEEP_DIR: the <run dir>-sweep directory), best first by --metric (default
     eval_loss, else the training loss; lower is better for names with "loss", higher otherwise): their overrides,
     steps, final training loss, final eval metrics, status. Failed and unrun variants come last."""
-    from launcher import sweep as sweeps
+    from launcher import sweep_report as reports
 
     if format not in ("text", "json"):
         raise RecipeError(f"command line: --format is {format!r}; use text or json")
-    result = sweeps.report(str(sweep_dir), None if metric is None else str(metric))
-    print(json.dumps(result, indent=2) if format == "json" else sweeps.render_report(result))
+    result = reports.report(str(sweep_dir), None if metric is None else str(metric))
+    print(json.dumps(result, indent=2) if format == "json" else reports.render_report(result))
+
+
+@exits_cleanly
+def keys(section: str | None = None) -> None:
+    """List the recipe's keys (of SECTION only, if given: lora, training, ...), one line each: dotted name, type,
+    default, doc. `training` lists TRL's SFTConfig arguments with their defaults."""
+    from launcher import cli_help
+
+    print(cli_help.keys(section))
 
 
 COMMANDS = {"plan": plan, "launch": launch, "submit": submit, "train": train, "consolidate": consolidate,
             "evaluate": evaluate,
-            "sweep": sweep, "sweep_report": sweep_report}
+            "sweep": sweep, "sweep_report": sweep_report, "keys": keys}
 
 
 def main() -> None:
+    from launcher import cli_help
+
+    text = cli_help.requested(sys.argv[1:], COMMANDS)
+    if text is not None:  # fire's own help exits 2 with an INFO line for commands taking **overrides
+        print(text)
+        sys.exit(0)
     import fire
 
     fire.Fire(COMMANDS, name="launcher")

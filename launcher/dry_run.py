@@ -19,8 +19,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from launcher import checkpoints, data, ds_config, freeze, modeling, tiny
-from launcher import plan as plans
+from launcher import checkpoints, data, ds_config, freeze, modeling, rundir, tiny
 from launcher import recipe as recipes
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
 from launcher.topology import Topology
@@ -88,7 +87,9 @@ def run(recipe_path: str, overrides: dict, use_tiny: bool, nproc_per_node: int |
     report = Report()
     started = time.time()
     try:
-        _dry_run(recipe_path, overrides, use_tiny, (nproc_per_node, nnodes), report)
+        built, planned, dry, run_dir = build(recipe_path, overrides, use_tiny, (nproc_per_node, nnodes), report)
+        _train_and_consolidate(report, built.trainer, planned, run_dir, built.eval_set is not None)
+        _reload(report, run_dir / "final", built.train_set[0], dry.task)
     except StageFailed as err:
         report.add(err.stage, err.message, ok=False)
         print(report.render(), flush=True)
@@ -97,164 +98,117 @@ def run(recipe_path: str, overrides: dict, use_tiny: bool, nproc_per_node: int |
     print(report.render() + f"\ndry run passed in {time.time() - started:.0f} s", flush=True)
 
 
-def _dry_run(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, report: Report) -> None:
-    # --- recipe: validated and planned exactly as `plan` does, for the real run's topology
+def build(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, report: Report):
+    """The gate for the real run's ranks, the recipe shrunk, then the worker's own `build` on it, and what it built
+    inspected. Returns (built, the real run's plan, the shrunk recipe, the throwaway run directory)."""
+    from launcher import pipeline
+    from launcher import train as worker
+
+    # --- the gate, exactly as `launch` or `submit` runs it for the real run's topology (the data: stages below)
     with report.stage("recipe valid"):
-        topo = real_topology(recipes.load(recipe_path, overrides), *ranks)
-        planned = plans.make(recipe_path, overrides, topo)
-    recipe = planned.recipe
-    report.add("recipe valid", f"{recipe_path}; real run: {planned.batch} on {topo}")
+        gate = pipeline.prepare(recipe_path, overrides, lambda recipe: real_topology(recipe, *ranks), False)
+    planned, recipe = gate.plan, gate.recipe
+    report.add("recipe valid", f"{recipe_path}; real run: {planned.batch} on {planned.topology}")
+    if gate.resume or gate.finished:
+        report.note(f"real run: {gate.status()}")
     if any(k.startswith("data.") for k in overrides):
         report.note("data from the command line: " + ", ".join(f"--{k}={v}" for k, v in overrides.items()
                                                                  if k.startswith("data.")))
 
     import torch
 
-    on_gpu = torch.cuda.is_available()
     dry = copy.deepcopy(recipe)
     run_dir = Path(f"{recipe.run.output_dir}-dryrun-{time.strftime('%Y%m%d-%H%M%S')}")
     dry.run.output_dir, dry.run.resume, dry.run.global_batch_size, dry.wandb = str(run_dir), "never", None, None
-    for change in shrink_run(dry) + ([] if on_gpu else cpu_fallbacks(dry)):
+    for change in shrink_run(dry) + ([] if torch.cuda.is_available() else cpu_fallbacks(dry)):
         report.note(change)
-
-    # --- tiny model: the recipe's architecture at a toy size, saved where the recipe's model was
+    changed = sorted(k for k in dry.training.keys() | recipe.training.keys()
+                     if dry.training.get(k, "unset") != recipe.training.get(k, "unset"))
+    report.note(f"training arguments changed for the dry run: {', '.join(changed)}")
     if use_tiny:
-        with report.stage("tiny model"):
-            config = recipes.model_config(recipe, recipe_path)
-            if config is None:
-                raise RecipeError("--tiny needs the model's config.json: set model.config or use a local model")
-            m = recipe.model
-            params, tokenizer_note = tiny.write(config, m.tokenizer or m.name_or_path, run_dir / "tiny-model",
-                                                trust_remote_code=m.trust_remote_code)
-        dry.model.name_or_path = dry.model.tokenizer = str(run_dir / "tiny-model")
-        dry.model.config, dry.model.init = None, "pretrained"
-        report.add("tiny model", f"{config.get('architectures', ['?'])[0]}: 2 layers, hidden 64, vocab "
-                   f"{config.get('vocab_size')}, {params / 1e6:.1f} M params (real: {planned.params or 0:,})")
-        if tokenizer_note:
-            report.note(tokenizer_note)
+        _tiny_model(report, recipe, dry, recipe_path, run_dir, planned.params)
 
     import datasets
-    import deepspeed
     import transformers
-    from transformers import set_seed
-    from trl import SFTConfig
 
     datasets.disable_progress_bars()  # the report is the output: no bars, no per-step log dicts
     transformers.utils.logging.disable_progress_bar()
-
-    from launcher.train import start_run_dir
-
-    seed = ds_config.training_value(dry, "seed")
     with report.stage("recipe valid"):  # the dry run's own changes must still make a valid run
         ds, _ = ds_config.resolve(dry, 1, recipes.model_config(dry, recipe_path), recipe_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
     report.run_dir = run_dir
-    start_run_dir(run_dir, dry, ds, None)
+    rundir.prepare(run_dir, {"recipe.yaml": recipes.dump(dry), "ds_config.json": ds_config.to_json(ds)})
 
-    # --- data: every dataset read and checked as the real run reads it, then the first rows
-    with report.stage("dataset"):
-        tokenizer = modeling.load_tokenizer(dry)
-        train_all, eval_all = data.load(dry, recipe_path, seed)
-    train_set = train_all.select(range(min(ROWS, len(train_all))))
-    eval_set = eval_all.select(range(min(EVAL_ROWS, len(eval_all)))) if eval_all is not None else None
-    report.add("dataset", f"{len(train_all):,} train rows" + (f", {len(eval_all):,} eval rows" if eval_all else "")
-               + f"; the dry run uses the first {len(train_set)}" + (f" and {len(eval_set)}" if eval_set else ""))
+    # --- the worker's build, on the first rows
+    counts = []
 
-    # --- training arguments, model and LoRA, as the worker builds them
-    if not on_gpu:  # one process: DeepSpeed's shared-memory collectives are of no use, and are a C++ build (minutes)
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    with report.stage("model"):
-        args = SFTConfig(output_dir=str(checkpoints.directory(run_dir)), deepspeed=ds, use_cpu=not on_gpu,
-                         **dry.training)
-        deepspeed.init_distributed()
-        set_seed(seed)
-        model = modeling.load_model(dry, on_gpu)
-        if dry.task == "sft":
-            modeling.stop_at_end_of_turn(model.generation_config, tokenizer)
-        freeze.apply(model, dry.freeze, recipe_path)
-    stages, reload = (_sft_stages, _reload_sft) if dry.task == "sft" else (_head_stages, _reload_head)
-    trainer = stages(report, dry, recipe_path, model, args, tokenizer, train_set, eval_set, run_dir, ds)
-    _train_and_consolidate(report, trainer, planned, run_dir, on_gpu, eval_set is not None)
-    reload(report, run_dir / "final", train_set[0], dry.task)
+    def first_rows(train, evaluation):
+        counts.extend([len(train), len(evaluation) if evaluation is not None else 0])
+        cut = train.select(range(min(ROWS, len(train))))
+        return cut, evaluation.select(range(min(EVAL_ROWS, len(evaluation)))) if evaluation is not None else None
 
-
-def _reload_sft(report, final: Path, row: dict, task: str) -> None:
-    with report.stage("reload"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        reloaded = AutoModelForCausalLM.from_pretrained(final)
-        final_tokenizer = AutoTokenizer.from_pretrained(final)
-    report.add("reload", f"{type(reloaded).__name__}, {sum(p.numel() for p in reloaded.parameters()):,} params")
-    with report.stage("generate"):
-        prompt, text = generate(reloaded, final_tokenizer, row)
-    report.add("generate", f"{prompt!r} -> {text}")
-
-
-def _reload_head(report, final: Path, row: dict, task: str) -> None:
-    with report.stage("reload"):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        reloaded = AutoModelForSequenceClassification.from_pretrained(final)
-        final_tokenizer = AutoTokenizer.from_pretrained(final)
-    report.add("reload", f"{type(reloaded).__name__}, {sum(p.numel() for p in reloaded.parameters()):,} params"
-               + (f", labels {list(reloaded.config.id2label.values())}" if task == "classification" else ""))
-    with report.stage("predict"):
-        report.add("predict", predict(reloaded, final_tokenizer, row, task))
-
-
-def _sft_stages(report, dry, recipe_path, model, args, tokenizer, train_set, eval_set, run_dir, ds):
-    """LoRA, then tokenization by TRL itself (the prepared dataset is what training sees) and its loss tokens."""
+    built = worker.build(dry, ds, recipe_path, 1, stage=report.stage, select=first_rows)
+    report.add("dataset", f"{counts[0]:,} train rows" + (f", {counts[1]:,} eval rows" if counts[1] else "")
+               + f"; the dry run uses the first {len(built.train_set)}"
+               + (f" and {len(built.eval_set)}" if built.eval_set is not None else ""))
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
 
-    from launcher.callbacks import CompleteCheckpoints
+    for printer in (PrinterCallback, ProgressCallback):
+        built.trainer.remove_callback(printer)
+    (_inspect_sft if dry.task == "sft" else _inspect_head)(report, dry, built)
+    return built, planned, dry, run_dir
 
-    with report.stage("LoRA targets"):
-        peft_config = modeling.lora_config(dry, model, recipe_path)
-    with report.stage("tokenize"):
-        stage = ds_config.zero_stage(ds, dry.deepspeed.config)
-        try:
-            trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                 processing_class=tokenizer, peft_config=peft_config,
-                                 callbacks=[CompleteCheckpoints(run_dir, 1, stage, None)])
-        except (RuntimeError, ValueError) as err:
-            if "no assistant tokens" in str(err):
-                report.fail("loss tokens", "0% of tokens carry loss: under assistant_only_loss the chat template "
-                            "marks no assistant token ({% generation %} block empty or missing); TRL: "
-                            + str(err).splitlines()[0][:160])
-            if "not training-compatible" in str(err):
-                report.fail("loss tokens", "assistant_only_loss needs {% generation %} markers around the assistant "
-                            "turns, and TRL has no marked version of this chat template: give model.tokenizer one "
-                            "that has them, or set training.assistant_only_loss false (loss on every token)")
-            raise
-        for printer in (PrinterCallback, ProgressCallback):
-            trainer.remove_callback(printer)
-        untruncated = trainer._prepare_dataset(train_set, trainer.processing_class, _no_truncation(args),
-                                               packing=False, formatting_func=None, dataset_name="dry-run lengths")
+
+def _tiny_model(report, recipe, dry, recipe_path: str, run_dir: Path, real_params: int | None) -> None:
+    """The recipe's architecture at a toy size, saved where the recipe's model was."""
+    with report.stage("tiny model"):
+        config = recipes.model_config(recipe, recipe_path)
+        if config is None:
+            raise RecipeError("--tiny needs the model's config.json: set model.config or use a local model")
+        m = recipe.model
+        params, tokenizer_note = tiny.write(config, m.tokenizer or m.name_or_path, run_dir / "tiny-model",
+                                            trust_remote_code=m.trust_remote_code)
+    dry.model.name_or_path = dry.model.tokenizer = str(run_dir / "tiny-model")
+    dry.model.config, dry.model.init = None, "pretrained"
+    report.add("tiny model", f"{config.get('architectures', ['?'])[0]}: 2 layers, hidden 64, vocab "
+               f"{config.get('vocab_size')}, {params / 1e6:.1f} M params (real: {real_params or 0:,})")
+    if tokenizer_note:
+        report.note(tokenizer_note)
+
+
+def _reload(report, final: Path, row: dict, task: str) -> None:
+    """The consolidated model loads with the task's Auto class, and answers the first row."""
+    with report.stage("reload"):
+        from transformers import AutoTokenizer
+
+        reloaded = modeling.auto_class(task).from_pretrained(final)
+        final_tokenizer = AutoTokenizer.from_pretrained(final)
+    labels = f", labels {list(reloaded.config.id2label.values())}" if task == "classification" else ""
+    report.add("reload", f"{type(reloaded).__name__}, {modeling.parameter_count(reloaded):,} params{labels}")
+    stage = "generate" if task == "sft" else "predict"
+    with report.stage(stage):
+        answer = generate(reloaded, final_tokenizer, row) if task == "sft" else predict(reloaded, final_tokenizer,
+                                                                                         row, task)
+    report.add(stage, answer)
+
+
+def _inspect_sft(report: Report, dry, built) -> None:
+    """What TRL prepared (the dataset training sees): lengths before truncation, the tokens that carry loss, an
+    example, and the LoRA adapters."""
+    trainer = built.trainer
     with report.stage("loss tokens"):
-        rows_in = None if args.packing else len(train_set)
-        token_stats(report, untruncated, trainer.train_dataset, args.max_length, rows_in)
-        report.lines.append("      example (loss on «...»): " + render_example(tokenizer, trainer.train_dataset))
+        lengths = untruncated_lengths(trainer.processing_class, built.train_set)
+        rows_in = None if trainer.args.packing else len(built.train_set)
+        token_stats(report, lengths, trainer.train_dataset, trainer.args.max_length, rows_in)
+        report.lines.append("      example (loss on «...»): " + render_example(built.tokenizer, trainer.train_dataset))
     with report.stage("LoRA targets"):
         lora_line(report, trainer.model, dry)
-    return trainer
 
 
-def _head_stages(report, dry, recipe_path, model, args, tokenizer, train_set, eval_set, run_dir, ds):
-    """A classification or regression head: the HF Trainer, token lengths, labels seen, what trains."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from launcher import classify
-    from launcher.callbacks import CompleteCheckpoints
-
+def _inspect_head(report: Report, dry, built) -> None:
+    """A classification or regression head: token lengths, labels seen, what trains."""
+    train_set, tokenizer = built.train_set, built.tokenizer
     max_length = ds_config.training_value(dry, "max_length")
-    stage = ds_config.zero_stage(ds, dry.deepspeed.config)
-    with report.stage("tokenize"):
-        trainer = classify.make_trainer(dry, model, args, tokenizer, train_set, eval_set,
-                                        [CompleteCheckpoints(run_dir, 1, stage, None)], max_length)
-        for printer in (PrinterCallback, ProgressCallback):
-            trainer.remove_callback(printer)
-        lengths = sorted(len(ids) for ids in tokenizer(list(train_set["text"]))["input_ids"])
+    lengths = sorted(len(ids) for ids in tokenizer(list(train_set["text"]))["input_ids"])
     over = sum(n > max_length for n in lengths)
     line = (f"min {lengths[0]} / median {statistics.median(lengths):.0f} / max {lengths[-1]} against max_length "
             f"{max_length}; {over / len(lengths):.0%} truncated")
@@ -275,12 +229,10 @@ def _head_stages(report, dry, recipe_path, model, args, tokenizer, train_set, ev
             values = [float(v) for v in train_set["label"]]
             report.add("labels", f"regression targets from {min(values):.4g} to {max(values):.4g}")
         report.lines.append(f"      example: {train_set[0]['text'][:SHOWN_CHARS]!r} -> {train_set[0]['label']!r}")
-    report.add("trainable", freeze.describe(modeling.parameter_count(trainer.model, trainable_only=True),
-                                            modeling.parameter_count(trainer.model)))
-    return trainer
+    report.add("trainable", freeze.describe(*built.trainable))
 
 
-def _train_and_consolidate(report, trainer, planned, run_dir: Path, on_gpu: bool, has_eval: bool) -> None:
+def _train_and_consolidate(report, trainer, planned, run_dir: Path, has_eval: bool) -> None:
     """A few steps, the last one saving a checkpoint; then the run's end product, consolidated."""
     with report.stage("train"):
         trainer.train()
@@ -290,7 +242,7 @@ def _train_and_consolidate(report, trainer, planned, run_dir: Path, on_gpu: bool
         report.fail("train", f"{trainer.state.global_step} steps, losses {losses}: expected {STEPS} finite")
     evaluated = f", eval loss {metrics['eval_loss']:.3f}" if "eval_loss" in metrics else ""
     report.add("train", f"{STEPS} steps, loss {' -> '.join(f'{x:.3f}' for x in losses)}{evaluated}")
-    report.add("memory", f"measured {measured_memory(on_gpu)}; real run estimate: {planned.memory}")
+    report.add("memory", f"measured {measured_memory()}; real run estimate: {planned.memory}")
     done = checkpoints.complete(run_dir)
     if not done:
         report.fail("checkpoint", f"no checkpoint with the {checkpoints.MARKER} marker under {run_dir}")
@@ -322,11 +274,17 @@ def real_topology(recipe, nproc_per_node: int | None, nnodes: int | None) -> Top
     return Topology((per_node,) * int(nnodes or (recipe.slurm.nodes if recipe.slurm.gpus_per_node else 1)))
 
 
+# The training arguments the dry run changes (besides the CPU fallbacks, which it reports one by one): a few steps,
+# a checkpoint at the last, no evaluation during training, nothing reported. Everything else is the real run's.
+SHRUNK = {"max_steps": STEPS, "save_steps": STEPS, "save_strategy": "steps", "logging_steps": 1, "eval_strategy": "no",
+          "gradient_accumulation_steps": 1, "report_to": "none", "disable_tqdm": True, "save_total_limit": None}
+# Arguments that follow from those (TrainingArguments derives do_eval from eval_strategy), from the throwaway run
+# directory and from the dry run's one rank.
+DERIVED = ("do_eval", "output_dir", "logging_dir", "deepspeed", "hf_deepspeed_config")
+
+
 def shrink_run(dry) -> list[str]:
-    """A few steps, a checkpoint at the last, no evaluation during training, nothing reported."""
-    t = dry.training
-    t.update(max_steps=STEPS, save_steps=STEPS, save_strategy="steps", logging_steps=1, eval_strategy="no",
-             gradient_accumulation_steps=1, report_to="none", disable_tqdm=True, save_total_limit=None)
+    dry.training.update(SHRUNK)
     return [f"dry run: {STEPS} steps on the first {ROWS} rows, gradient accumulation 1, a checkpoint at step "
             f"{STEPS}, one evaluation on {EVAL_ROWS} rows at the end; run directory {dry.run.output_dir}"]
 
@@ -367,16 +325,22 @@ def cpu_fallbacks(dry) -> list[str]:
     return changes
 
 
-def _no_truncation(args):
-    untruncated = copy.copy(args)
-    untruncated.max_length = None
-    return untruncated
+def untruncated_lengths(tokenizer, rows) -> list[int]:
+    """Tokens per row before truncation, rendered as TRL renders it (chat template for conversations)."""
+    def length(row: dict) -> int:
+        turns = row.get("messages") or (row["prompt"] + row["completion"] if isinstance(row.get("prompt"), list)
+                                        else None)
+        if turns is not None:
+            return len(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"])
+        return len(tokenizer(row.get("text") or row["prompt"] + row["completion"])["input_ids"])
+
+    return [length(row) for row in rows]
 
 
-def token_stats(report: Report, untruncated, prepared, max_length: int | None, rows: int | None) -> None:
+def token_stats(report: Report, lengths: list[int], prepared, max_length: int | None, rows: int | None) -> None:
     """Lengths before truncation against max_length, and the share of tokens carrying loss after it.
     rows: how many went in, to count those TRL dropped (None when packing joins them)."""
-    lengths = sorted(len(ids) for ids in untruncated["input_ids"])
+    lengths = sorted(lengths)
     limit = max_length or math.inf
     over = sum(n > limit for n in lengths)
     line = (f"min {lengths[0]} / median {statistics.median(lengths):.0f} / max {lengths[-1]} against max_length "
@@ -433,15 +397,15 @@ def lora_line(report: Report, model, recipe) -> None:
                f"trainable ({trainable / total:.2%})")
 
 
-def measured_memory(on_gpu: bool) -> str:
-    if on_gpu:
-        import torch
+def measured_memory() -> str:
+    import torch
 
+    if torch.cuda.is_available():
         return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU peak (torch.cuda.max_memory_allocated)"
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB peak RSS (CPU)"
 
 
-def generate(model, tokenizer, row: dict) -> tuple[str, str]:
+def generate(model, tokenizer, row: dict) -> str:
     """Greedy tokens for the first prompt of the data: the user turns before the first answer, or the prompt."""
     if "messages" in row:
         turns = row["messages"]
@@ -461,4 +425,4 @@ def generate(model, tokenizer, row: dict) -> tuple[str, str]:
     if len(new) == 0:
         raise RuntimeError("generation produced no tokens")
     text = tokenizer.decode(new, skip_special_tokens=False)
-    return shown, repr(text) if text.strip() else f"{text!r}, token ids {new.tolist()}"
+    return f"{shown!r} -> " + (repr(text) if text.strip() else f"{text!r}, token ids {new.tolist()}")

@@ -41,8 +41,8 @@ def resolve(recipe: Recipe, world: int, model_config: dict | None, where: str) -
     """The resolved DeepSpeed config and batch. Writes the derived batch numbers into recipe.training."""
     src = recipe.deepspeed.config
     ds = merge(load_template(src), recipe.deepspeed.overrides)
-    label = f"{src} (with deepspeed.overrides)" if recipe.deepspeed.overrides else src
-    stage = zero_stage(ds, label)
+    label = template_label(recipe)
+    zero_stage(ds, label)
     batch = resolve_batch(recipe, world, where)
     recipe.training["per_device_train_batch_size"] = batch.micro
     recipe.training["gradient_accumulation_steps"] = batch.accumulation
@@ -54,8 +54,12 @@ def resolve(recipe: Recipe, world: int, model_config: dict | None, where: str) -
     _set_optimizer(ds, recipe)
     _set_buckets(ds, model_config, label)
     _no_auto_left(ds, label)
-    check_compatible(recipe, ds, stage, label, where)
     return ds, batch
+
+
+def template_label(recipe: Recipe) -> str:
+    src = recipe.deepspeed.config
+    return f"{src} (with deepspeed.overrides)" if recipe.deepspeed.overrides else src
 
 
 def to_json(ds: dict) -> str:
@@ -180,20 +184,6 @@ def _no_auto_left(ds: Any, label: str, path: str = "") -> None:
     if isinstance(ds, dict):
         for key, value in ds.items():
             _no_auto_left(value, label, f"{path}.{key}" if path else key)
-
-
-def check_compatible(recipe: Recipe, ds: dict, stage: int, label: str, where: str) -> None:
-    zero = ds.get("zero_optimization", {})
-    lora = recipe.lora
-    if lora and lora.quantize != "none" and stage == 3:
-        raise RecipeError(f"{where}: lora.quantize {lora.quantize} (QLoRA) cannot run with ZeRO-3 ({label}); "
-                          "use ds_configs/zero2.json")
-    if lora and stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-        raise RecipeError(f"{where}: LoRA with ZeRO-3 saves empty adapters unless "
-                          f"zero_optimization.stage3_gather_16bit_weights_on_model_save is true ({label}); set it in "
-                          "deepspeed.overrides")
-    if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
-        raise RecipeError(f"{label}: zero_optimization.offload_param needs stage 3 (stage is {stage})")
 
 
 def offload(ds: dict) -> tuple[bool, bool]:

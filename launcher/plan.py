@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher import ds_config, memory
+from launcher import ds_config, memory, rules
 from launcher import recipe as recipes
 from launcher.ds_config import Batch
 from launcher.errors import RecipeError
@@ -31,9 +31,13 @@ class Plan:
     def run_dir(self) -> Path:
         return Path(self.recipe.run.output_dir)
 
+    def snapshot(self) -> dict[str, str]:
+        """The resolved recipe and DeepSpeed config, as every start writes them into the run directory."""
+        return {"recipe.yaml": recipes.dump(self.recipe), "ds_config.json": ds_config.to_json(self.ds_config)}
+
     def files(self) -> dict[str, str]:
         """What the launch writes into the run directory before starting ranks (content by file name)."""
-        out = {"recipe.yaml": recipes.dump(self.recipe), "ds_config.json": ds_config.to_json(self.ds_config)}
+        out = self.snapshot()
         if self.topology.node_rank == 0:  # one record of the command, not one per node overwriting each other
             out["command.txt"] = shell_line(self.env, self.command) + "\n"
         if self.topology.nnodes > 1 and not self.topology.hostfile:
@@ -41,12 +45,15 @@ class Plan:
         return out
 
 
-def make(recipe_path: str, overrides: dict[str, Any], topology: Topology) -> Plan:
+def make(recipe_path: str, overrides: dict[str, Any], topology) -> Plan:
+    """The recipe loaded, every rule checked and the DeepSpeed config resolved for `topology`: a Topology, a
+    function of the recipe giving one, or None for the Slurm job's ranks (the recipe's slurm section)."""
     recipe = recipes.load(recipe_path, overrides)
     where = recipe_path
+    topology = topology(recipe) if callable(topology) else topology or job_topology(recipe, where)
     config = recipes.model_config(recipe, where)
     ds, batch = ds_config.resolve(recipe, topology.world, config, where)
-    check_lora_targets(recipe, config, where)
+    rules.check(recipe, ds, ds_config.zero_stage(ds, ""), config, where, ds_config.template_label(recipe))
     run_dir = Path(recipe.run.output_dir)
     hostfile = str(run_dir / "hostfile") if topology.nnodes > 1 and not topology.hostfile else None
     command = deepspeed_command(topology, [str(run_dir / "recipe.yaml")], hostfile)
@@ -67,18 +74,11 @@ def trainable_params(recipe: Recipe, config: dict | None, where: str):
     return freeze.apply(model, recipe.freeze, where), memory.count_model(model)
 
 
-def check_lora_targets(recipe: Recipe, config: dict | None, where: str) -> None:
-    """Catch LoRA targets that match nothing now, for known architectures; the worker checks the others."""
-    if not recipe.lora or isinstance(recipe.lora.target_modules, str) or config is None:
-        return
-    try:
-        known = memory.lora_targets(config)
-    except memory.UnknownArchitecture:
-        return
-    for target in recipe.lora.target_modules:
-        if target.rsplit(".", 1)[-1] not in known:
-            raise RecipeError(f"{where}: lora.target_modules '{target}' matches no module of this "
-                              f"{config.get('model_type')} model; it has {', '.join(sorted(known))}")
+def job_topology(recipe: Recipe, where: str) -> Topology:
+    options = recipe.slurm
+    if options.gpus_per_node is None:
+        raise RecipeError(f"{where}: slurm.gpus_per_node is not set; pass --gpus_per_node (ranks per node)")
+    return Topology((options.gpus_per_node,) * options.nodes)
 
 
 def memory_line(recipe: Recipe, config: dict | None, ds: dict, topology: Topology,

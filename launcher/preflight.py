@@ -26,11 +26,16 @@ def check(recipe: Recipe, where: str) -> None:
         warnings.simplefilter("ignore")  # libraries' notes on stderr would bury the one line that matters
         sets = _data(recipe, where)
         tokenizer = _tokenizer(recipe, where)
-        if tokenizer is None:
-            return
-        known = _chat_template(recipe, tokenizer)
-        if known is not None:
-            _check_template(recipe, where, tokenizer, *known, sets)
+        if tokenizer is not None:
+            check_template(recipe, where, tokenizer, sets)
+
+
+def check_template(recipe: Recipe, where: str, tokenizer, sets: list) -> None:
+    """The chat template renders the data's first row and, under assistant_only_loss, marks the assistant's tokens.
+    sets: (key, path, dataset) for each dataset, as data.load lists them."""
+    known = _chat_template(recipe, tokenizer)
+    if known is not None:
+        _check_template(recipe, where, tokenizer, *known, sets)
 
 
 def _data(recipe: Recipe, where: str) -> list[tuple[str, str, object]]:
@@ -146,6 +151,6 @@ def _render_first_row(recipe: Recipe, tokenizer, template: str, ds, key: str, pa
         raise RecipeError(f"{path}: row 1 ({key}): the chat template cannot render it: {reason}; fix the row or "
                           "the template (training.chat_template_path)") from None
     if masks and 1 not in out["assistant_masks"]:
-        raise RecipeError(f"{path}: row 1 ({key}): the chat template marks none of its tokens as the assistant's, "
-                          "so training.assistant_only_loss would learn nothing; put {% generation %}..."
-                          "{% endgeneration %} around the assistant content in the template")
+        raise RecipeError(f"{path}: row 1 ({key}): 0% of tokens carry loss: the chat template marks none of its "
+                          "tokens as the assistant's, so training.assistant_only_loss would learn nothing; put "
+                          "{% generation %}...{% endgeneration %} around the assistant content in the template")

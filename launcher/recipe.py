@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from launcher import schema, sft_fields
+from launcher import assets, schema
 from launcher.errors import RecipeError
 from launcher.schema import Recipe
 
@@ -29,11 +29,7 @@ def load(path: str, overrides: dict[str, Any] | None = None) -> Recipe:
     if overrides:
         apply_overrides(raw, overrides, path)
         where = f"{path} (with overrides {', '.join('--' + k for k in overrides)})"
-    training = schema.training_args(raw.pop("training", None), where)
-    recipe = schema.build(Recipe, {**raw, "training": {}}, where)
-    recipe.training = training
-    check_combinations(recipe, where)
-    return resolve_paths(recipe, where)
+    return resolve_paths(schema.build(Recipe, raw, where), where)
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -85,59 +81,6 @@ def _index(node: list, key: str, dotted: str, path: str) -> int:
     return int(key)
 
 
-def check_combinations(recipe: Recipe, where: str) -> None:
-    check_task(recipe, where)
-    if recipe.training.get("bf16") and recipe.training.get("fp16"):
-        schema.fail(where, "training.bf16", "and training.fp16 are both true; pick one")
-    if not recipe.data.train:
-        schema.fail(where, "data.train", "needs at least one dataset")
-    if recipe.lora and recipe.model.init == "random":
-        schema.fail(where, "model.init", "is random, but LoRA adapts a pretrained model: a random base could not be "
-                    "merged with the adapter later; use init: pretrained")
-    report_to = recipe.training.get("report_to") or []
-    if "wandb" in ([report_to] if isinstance(report_to, str) else report_to):
-        schema.fail(where, "training.report_to", "includes wandb; W&B is set up by the wandb section (one run per "
-                    "job, resumed with the job): remove it from report_to")
-    if recipe.training.get("eval_strategy", "no") != "no" and not recipe.data.eval and not recipe.data.eval_fraction:
-        schema.fail(where, "training.eval_strategy", "asks for evaluation but there is no data.eval and "
-                    "data.eval_fraction is 0")
-
-
-# SFT options that mean the same for a classification head: the token budget of one example.
-SHARED_WITH_SFT = {"max_length"}
-
-
-def check_task(recipe: Recipe, where: str) -> None:
-    """What each task needs from the head, freeze and training sections."""
-    head, task = recipe.head, recipe.task
-    if task == "sft":
-        if head.labels or head.class_weights is not None:
-            schema.fail(where, "head", "is for task classification or regression; this recipe's task is sft")
-    else:
-        for key in recipe.training:
-            if key in sft_fields.sft_only() and key not in SHARED_WITH_SFT:
-                schema.fail(where, f"training.{key}", f"is an SFT option; task {task} trains with the HF Trainer, "
-                            "which ignores it: remove it")
-        if recipe.lora:
-            schema.fail(where, "lora", f"is not supported with task {task} yet; fine-tune the head with freeze "
-                        "instead")
-    if task == "classification":
-        if len(head.labels) < 2:
-            schema.fail(where, "head.labels", "must name at least two labels for task classification, in id "
-                        "order: [negative, positive]")
-        if len(set(head.labels)) != len(head.labels):
-            schema.fail(where, "head.labels", f"has a label twice: {head.labels}")
-        weights = head.class_weights
-        if isinstance(weights, list) and (len(weights) != len(head.labels) or min(weights) <= 0):
-            schema.fail(where, "head.class_weights", f"must be {len(head.labels)} positive numbers (one per label "
-                        "in head.labels), or balanced")
-    if task == "regression" and (head.labels or head.class_weights is not None):
-        schema.fail(where, "head", "labels and class_weights are for classification; regression predicts one number")
-    if recipe.freeze and recipe.lora:
-        schema.fail(where, "freeze", "and lora both choose what trains: LoRA already freezes the base model; "
-                    "remove one")
-
-
 def resolve_paths(recipe: Recipe, where: str) -> Recipe:
     """Make local paths absolute (the resolved recipe is run from elsewhere) and check that they exist."""
     m = recipe.model
@@ -151,7 +94,7 @@ def resolve_paths(recipe: Recipe, where: str) -> Recipe:
     for section in ("train", "eval"):
         for i, spec in enumerate(getattr(recipe.data, section)):
             spec.path = _data_ref(spec.path, where, f"data.{section}.{i}.path")
-    recipe.deepspeed.config = _existing(recipe.deepspeed.config, where, "deepspeed.config")
+    recipe.deepspeed.config = _existing(assets.ds_config(recipe.deepspeed.config, where), where, "deepspeed.config")
     recipe.run.output_dir = str(Path(recipe.run.output_dir or f"runs/{recipe.run.name}").absolute())
     if recipe.run.resume not in ("auto", "never"):
         recipe.run.resume = str(_existing_dir(recipe.run.resume, where, "run.resume"))

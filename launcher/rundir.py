@@ -12,40 +12,42 @@ from pathlib import Path
 
 import yaml
 
+from launcher import schema
 from launcher.errors import RecipeError
 
 PACKAGES = ("launcher", "torch", "transformers", "trl", "peft", "deepspeed", "accelerate", "datasets", "wandb")
 
 
 def prepare(run_dir: Path, files: dict[str, str]) -> None:
-    """Create the run directory and write `files` (a resumed run has passed check_same_recipe first)."""
+    """Create the run directory and write `files` (content by file name)."""
     for name, text in files.items():
         write_atomic(run_dir / name, text)
 
 
-def check_same_recipe(run_dir: Path, recipe_yaml: str) -> None:
-    """Continuing a run under a changed recipe would mix two experiments in one run: refuse, naming the key."""
+def changes_since_start(run_dir: Path, recipe_yaml: str) -> list[str]:
+    """The keys changed since the run started ('key: old -> new'), when none of them identifies the experiment
+    (schema.identifies); a change to one that does would mix two experiments in one run: refused, naming it."""
     stored = run_dir / "recipe.yaml"
     if not stored.is_file():
-        return
+        return []
     before, now = yaml.safe_load(stored.read_text()), yaml.safe_load(recipe_yaml)
-    for run in (before, now):
-        for key in ("resume", "consolidate"):  # how the run starts and ends, not what it trains
-            run.get("run", {}).pop(key, None)
-    key = _first_difference(before, now)
-    if key is not None:
-        raise RecipeError(f"{stored}: this run started with a different recipe ({key or 'recipe'} changed); "
-                          "resuming would mix two experiments: use a new run.name or run.output_dir")
+    if not isinstance(before, dict):
+        raise RecipeError(f"{stored}: not a recipe this launcher wrote; move it away or use a new run.name")
+    changed = _differences(before, now)
+    for key, old, new in changed:
+        shrinks = key in schema.GROW_ONLY and isinstance(old, (int, float)) and isinstance(new, (int, float)) \
+            and 0 < new < old
+        if schema.identifies(key) or shrinks:
+            raise RecipeError(f"{stored}: this run started with a different recipe ({key} changed: {old!r} -> "
+                              f"{new!r}); resuming would mix two experiments: use a new run.name or run.output_dir")
+    return [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]
 
 
-def _first_difference(a, b, path: str = "") -> str | None:
+def _differences(a, b, path: str = "") -> list[tuple[str, object, object]]:
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
-            if found is not None:
-                return found
-        return None
-    return None if a == b else path
+        keys = list(a) + [k for k in b if k not in a]
+        return [d for k in keys for d in _differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))]
+    return [] if a == b else [(path, a, b)]
 
 
 def write_atomic(path: Path, text: str) -> None:

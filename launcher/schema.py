@@ -19,9 +19,11 @@ from launcher import sft_fields
 from launcher.errors import RecipeError
 
 
-def doc(text: str, check=None, default=dataclasses.MISSING, factory=dataclasses.MISSING):
-    """A dataclass field carrying its one-line doc and an optional (predicate, message) check."""
-    meta = {"doc": text, "check": check}
+def doc(text: str, check=None, default=dataclasses.MISSING, factory=dataclasses.MISSING, identity: bool = True,
+        convert=None):
+    """A dataclass field carrying its one-line doc, an optional (predicate, message) check, whether it identifies the
+    experiment (identity=False: a resumed run may change it) and an optional converter of its raw YAML value."""
+    meta = {"doc": text, "check": check, "identity": identity, "convert": convert}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -33,16 +35,17 @@ FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
 
 @dataclass
 class RunSection:
-    name: str = doc("Run name: names the run directory and the W&B run.")
+    name: str = doc("Run name: names the run directory and the W&B run.", identity=False)
     output_dir: str | None = doc("Run directory; default runs/<name>. Checkpoints go under it.", default=None)
     global_batch_size: int | None = doc(
         "Fix the global batch; gradient accumulation is then derived per world size.", POSITIVE, default=None
     )
     consolidate: bool = doc("When training ends, merge the last checkpoint into <run dir>/final (a HF model).",
-                            default=True)
-    resume: str = doc("auto: continue from the run directory's newest complete checkpoint (the recipe must be the "
-                      "one the run started with); never: refuse a run directory that holds checkpoints; or the "
-                      "path of a checkpoint to start from.", default="auto")
+                            default=True, identity=False)
+    resume: str = doc("For the first start only: auto continues from the run directory's newest complete checkpoint; "
+                      "never refuses a run directory that holds checkpoints; or the path of a checkpoint to start "
+                      "from. Once the run has checkpoints of its own (a requeue, a resubmit), it continues from its "
+                      "newest complete one.", default="auto", identity=False)
 
 
 @dataclass
@@ -92,7 +95,9 @@ class LoraSection:
 
 @dataclass
 class DeepSpeedSection:
-    config: str = doc("DeepSpeed JSON template, e.g. ds_configs/zero3.json.", default="ds_configs/zero3.json")
+    config: str = doc("DeepSpeed JSON template: a shipped one by name (zero2, zero3, zero3_offload) or a path to a "
+                      "JSON file. Where it lives does not identify the run (a resume from another checkout or install "
+                      "finds it elsewhere); its stage must match the checkpoint's.", default="zero3", identity=False)
     overrides: dict[str, Any] = doc("Keys merged over the template, nested as in the JSON.", factory=dict)
 
 
@@ -162,11 +167,12 @@ class Recipe:
     head: HeadSection = doc("Labels and class weights of the classification head.", factory=HeadSection)
     freeze: FreezeSection | None = doc("Parameters kept frozen; the task's head always trains. Absent = none.",
                                        default=None)
-    training: dict[str, Any] = doc("TRL SFTConfig arguments, by their SFTConfig names.", factory=dict)
+    training: dict[str, Any] = doc("TRL SFTConfig arguments, by their SFTConfig names (`launcher keys training`).",
+                                   factory=dict, convert=lambda raw, where: training_args(raw, where))
     deepspeed: DeepSpeedSection = doc("ZeRO configuration.", factory=DeepSpeedSection)
     lora: LoraSection | None = doc("Parameter-efficient fine-tuning; absent = full fine-tune.", default=None)
-    slurm: SlurmSection = doc("Cluster job options for `launcher submit`.", factory=SlurmSection)
-    wandb: WandbSection | None = doc("Weights & Biases tracking; absent = none.", default=None)
+    slurm: SlurmSection = doc("Cluster job options for `launcher submit`.", factory=SlurmSection, identity=False)
+    wandb: WandbSection | None = doc("Weights & Biases tracking; absent = none.", default=None, identity=False)
 
 
 # --- conversion of plain YAML data into the dataclasses above, strictly -------------------------------------------
@@ -218,7 +224,8 @@ def _convert_dataclass(cls: type, value: Any, where: str, path: str) -> Any:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 fail(where, key, "is required")
             continue
-        kwargs[name] = _convert(hints[name], value[name], where, key)
+        convert = f.metadata.get("convert")
+        kwargs[name] = convert(value[name], where) if convert else _convert(hints[name], value[name], where, key)
         check = f.metadata.get("check")
         if check and kwargs[name] is not None and not check[0](kwargs[name]):
             fail(where, key, f"is {kwargs[name]!r}; {check[1]}")
@@ -332,6 +339,43 @@ def _training_value(kinds: frozenset[str], value: Any, where: str, path: str) ->
     if ("list" in kinds and isinstance(value, list)) or ("dict" in kinds and isinstance(value, dict)):
         return value
     fail(where, path, f"must be {' or '.join(sorted(kinds))}, got {_kind(value)} {value!r}")
+
+
+# --- resume identity: which keys a continued run may change -------------------------------------------------------
+
+# `training` keys that say how a run is logged, saved, evaluated or fed, not what it learns.
+TRAINING_NOT_IDENTITY = frozenset({
+    "logging_steps", "logging_strategy", "logging_first_step", "logging_nan_inf_filter", "log_level", "report_to",
+    "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "eval_steps", "eval_strategy", "eval_delay",
+    "eval_on_start", "per_device_eval_batch_size", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "ddp_timeout", "include_num_input_tokens_seen",
+})
+GROW_ONLY = frozenset({"training.max_steps", "training.num_train_epochs"})  # a longer run continues; a shorter no
+
+
+def identifies(dotted: str) -> bool:
+    """Whether a recipe key identifies the experiment: a resumed run refuses a change to it."""
+    section, _, rest = dotted.partition(".")
+    if dotted in GROW_ONLY:
+        return False
+    if section == "training":
+        return rest.split(".")[0] not in TRAINING_NOT_IDENTITY
+    cls: Any = Recipe
+    for part in dotted.split("."):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return True
+        if not fields[part].metadata.get("identity", True):
+            return False
+        cls = _dataclass_of(typing.get_type_hints(cls)[part])
+    return True
+
+
+def _dataclass_of(tp: Any) -> Any:
+    """The dataclass inside a field's type (`X | None`, `list[X]`), or None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
 
 
 # --- messages ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ CHAIN = (
 class Field:
     kinds: frozenset[str]  # subset of bool, int, float, str, list, dict, none
     default: Any
+    help: str = ""  # the field's metadata={"help": ...}, for `launcher keys`
 
 
 @functools.cache
@@ -66,7 +67,7 @@ def _class_fields(path: Path, cls: str) -> dict[str, Field]:
     out = {}
     for stmt in node.body:
         if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            out[stmt.target.id] = Field(_kinds(stmt.annotation), _default(stmt.value))
+            out[stmt.target.id] = Field(_kinds(stmt.annotation), _default(stmt.value), _help(stmt.value))
     return out
 
 
@@ -111,3 +112,16 @@ def _default(value: ast.expr | None) -> Any:
         return ast.literal_eval(value)
     except ValueError:
         return NO_DEFAULT
+
+
+def _help(value: ast.expr | None) -> str:
+    """The literal "help" entry of `field(metadata={...})`; other entries may not be literals."""
+    if not (isinstance(value, ast.Call) and ast.unparse(value.func) == "field"):
+        return ""
+    meta = next((kw.value for kw in value.keywords if kw.arg == "metadata"), None)
+    if not isinstance(meta, ast.Dict):
+        return ""
+    for key, text in zip(meta.keys, meta.values, strict=True):
+        if isinstance(key, ast.Constant) and key.value == "help" and isinstance(text, ast.Constant):
+            return str(text.value)
+    return ""

@@ -1,4 +1,5 @@
-"""`submit`: the job script rendered from slurm/job.sbatch and the validated recipe, and the calls to Slurm."""
+"""`submit`: the job script rendered from the shipped template (slurm/job.sbatch in a checkout) and the validated
+recipe, and the calls to Slurm."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launcher import assets
 from launcher.errors import RecipeError
 from launcher.schema import SlurmSection
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "job.sbatch"
+TEMPLATE = assets.job_template_path()  # package data; slurm/job.sbatch in a checkout
 SCRIPT = "job.sbatch"
 
 CONSOLIDATE = """
@@ -52,7 +54,7 @@ def render(run_dir: Path, name: str, options: SlurmSection, consolidate: bool, g
         "PROCS": str(options.gpus_per_node),
         "CONSOLIDATE": CONSOLIDATE if consolidate else "",
     }
-    text = TEMPLATE.read_text()
+    text = assets.job_template()
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
     if "{{" in text:
@@ -70,11 +72,7 @@ def sbatch_options(options: SlurmSection, gpus: bool) -> list[str]:
         out.append("--exclusive")
     if options.signal_grace:
         out.append(f"--signal=B:USR1@{options.signal_grace}")
-    out += options.sbatch
-    for option in out:
-        if "\n" in option or not option.startswith("-"):
-            raise RecipeError(f"slurm.sbatch: {option!r} is not one sbatch option like --mem=0")
-    return out
+    return out + options.sbatch  # each checked by rules.check_sbatch
 
 
 def array_option(tasks: int, max_parallel: int | None) -> str:
@@ -88,6 +86,19 @@ def cluster_has_gpus() -> bool:
         return True
     result = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=30)
     return result.returncode != 0 or "gpu" in result.stdout
+
+
+def refuse_active_job(run_dir: Path) -> None:
+    """Two jobs training into one run directory would overwrite each other's checkpoints."""
+    active = active_job_for(run_dir) if shutil.which("squeue") else None
+    if active:
+        raise RecipeError(f"{run_dir}: job {active} is already training into this run directory; wait for it or "
+                          f"cancel it (scancel {active})")
+
+
+def job_log(run_dir: Path, name: str, job: str, array: bool = False) -> str:
+    """The log file of a submitted job (an array's: the pattern of its tasks' logs)."""
+    return log_pattern(run_dir, array).replace("%x", name).replace("%j", job).replace("%A", job)
 
 
 def active_job_for(run_dir: Path) -> str | None:

@@ -9,42 +9,23 @@ command again resumes the sweep (finished variants are skipped), a different swe
 
 from __future__ import annotations
 
-import ast
-import itertools
 import json
-import math
-import random
-import re
 import shlex
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher import checkpoints, rundir, topology, tracking
-from launcher import plan as plans
+from launcher import pipeline, rundir, topology
 from launcher import recipe as recipes
 from launcher.errors import RecipeError
-from launcher.plan import Plan
-from launcher.preflight import check as check_data_and_tokenizer
-from launcher.schema import did_you_mean
+from launcher.sweep_report import MANIFEST, render_report, report
+from launcher.sweep_space import variant_name
 from launcher.topology import Topology
 
-MANIFEST = "sweep.json"
 # Set by the sweep for each variant, or shared by the whole job array: not sweepable.
 FIXED = ("run.name", "run.output_dir", "run.resume", "run.consolidate")
-SLURM_FLAGS = ("nodes", "gpus_per_node", "partition", "time", "account", "qos")
-FLAGS = ("grid", "random", "space", "seed", "nproc_per_node", "master_port", "slurm", *SLURM_FLAGS, "max_parallel",
-         "dry_run")
-DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
-GRID_EXAMPLE = "'training.learning_rate=[1e-5,3e-5] training.weight_decay=[0,0.1]'"
-SPACE_EXAMPLE = "'training.learning_rate=loguniform(1e-5,1e-3) lora.r=choice(8,16,32)'"
-_KEY = re.compile(r"([A-Za-z_]\w*(?:\.\w+)+)=")
-_CLOSE = {"[": "]", "(": ")", "{": "}"}
-# Trainer bookkeeping logged with the eval metrics, not results.
-_NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second")
 
 
 @dataclass
@@ -74,196 +55,6 @@ class Sweep:
         return out
 
 
-# --- the command line: --grid and --space strings --------------------------------------------------------------
-
-def parse_assignments(text: Any, flag: str, example: str) -> list[tuple[str, str]]:
-    """'a.b=[1, 2] c.d=choice(x,y)' -> [('a.b', '[1, 2]'), ('c.d', 'choice(x,y)')]. A value runs to the end of its
-    brackets, so it may hold spaces."""
-    if not isinstance(text, str) or not text.strip():
-        raise RecipeError(f"command line: {flag} takes one quoted string of section.key=... terms, like {example}; "
-                          f"got {text!r}")
-    out, pos = [], 0
-    while pos < len(text):
-        if text[pos].isspace():
-            pos += 1
-            continue
-        match = _KEY.match(text, pos)
-        if not match:
-            raise RecipeError(f"command line: {flag}: expected section.key=... at {text[pos:]!r}; e.g. {example}")
-        end = _value_end(text, match.end(), flag, match.group(1))
-        key, value = match.group(1), text[match.end():end]
-        if any(key == k for k, _ in out):
-            raise RecipeError(f"command line: {flag}: {key} is given twice")
-        out.append((key, value))
-        pos = end
-    return out
-
-
-def _value_end(text: str, start: int, flag: str, key: str) -> int:
-    """Index just past the value beginning at `start`: the first blank outside brackets and quotes."""
-    stack: list[str] = []
-    quote = None
-    for i in range(start, len(text)):
-        ch = text[i]
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in _CLOSE:
-            stack.append(_CLOSE[ch])
-        elif ch in _CLOSE.values():
-            if not stack or stack.pop() != ch:
-                raise RecipeError(f"command line: {flag}: {key}= has an unmatched {ch!r}")
-        elif ch.isspace() and not stack:
-            return i
-    if stack or quote:
-        raise RecipeError(f"command line: {flag}: {key}= is missing a closing {quote or stack[-1]!r}")
-    return len(text)
-
-
-def split_items(text: str) -> list[str]:
-    """Top-level comma-separated items of a list's inside: '1, [2,3], "a,b"' -> ['1', '[2,3]', '"a,b"']."""
-    items, depth, quote, current = [], 0, None, ""
-    for ch in text:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[({":
-            depth += 1
-        elif ch in "])}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            items.append(current.strip())
-            current = ""
-            continue
-        current += ch
-    items.append(current.strip())
-    return items
-
-
-def parse_value(text: str, where: str) -> Any:
-    """A value as python-fire would read it on the command line: 1e-5 is a float, true a bool, cosine a string."""
-    if not text:
-        raise RecipeError(f"command line: {where} has an empty value")
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    if text.lower() in ("null", "none"):
-        return None
-    if text.startswith("[") and text.endswith("]"):
-        inner = text[1:-1].strip()
-        return [parse_value(item, where) for item in split_items(inner)] if inner else []
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_grid(text: Any) -> dict[str, list]:
-    grid = {}
-    for key, value in parse_assignments(text, "--grid", GRID_EXAMPLE):
-        if not (value.startswith("[") and value.endswith("]")):
-            raise RecipeError(f"command line: --grid: {key}={value} is not a list of values in brackets, like "
-                              f"{key}=[1,2]")
-        grid[key] = parse_value(value, f"--grid {key}")
-        if not grid[key]:
-            raise RecipeError(f"command line: --grid: {key}=[] lists no values")
-    return grid
-
-
-def parse_space(text: Any) -> dict[str, tuple[str, list]]:
-    space = {}
-    for key, value in parse_assignments(text, "--space", SPACE_EXAMPLE):
-        match = re.fullmatch(r"(\w+)\((.*)\)", value, re.S)
-        if not match or match.group(1) not in DISTRIBUTIONS:
-            raise RecipeError(f"command line: --space: {key}={value} is not one of "
-                              f"{', '.join(f'{d}(...)' for d in DISTRIBUTIONS)}")
-        kind = match.group(1)
-        args = [parse_value(a, f"--space {key}") for a in split_items(match.group(2))] if match.group(2) else []
-        space[key] = (kind, _check_distribution(key, kind, args))
-    return space
-
-
-def _check_distribution(key: str, kind: str, args: list) -> list:
-    where = f"command line: --space: {key}={kind}({', '.join(map(str, args))})"
-    if kind == "choice":
-        if not args:
-            raise RecipeError(f"{where} offers no values")
-        return args
-    numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-    if len(args) != 2 or not numeric or args[0] > args[1]:
-        raise RecipeError(f"{where} needs two numbers, low <= high")
-    if kind == "randint" and not all(isinstance(a, int) for a in args):
-        raise RecipeError(f"{where} needs two integers")
-    if kind == "loguniform" and args[0] <= 0:
-        raise RecipeError(f"{where} needs low > 0")
-    return args
-
-
-# --- the variants ----------------------------------------------------------------------------------------------
-
-def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
-    """The cartesian product, the last key varying fastest."""
-    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-
-
-def sample(kind: str, args: list, rng: random.Random) -> Any:
-    if kind == "choice":
-        return rng.choice(args)
-    if kind == "randint":
-        return rng.randint(*args)
-    low, high = args
-    x = math.exp(rng.uniform(math.log(low), math.log(high))) if kind == "loguniform" else rng.uniform(low, high)
-    return min(max(float(f"{x:.4g}"), low), high)  # 4 digits: readable names, and still in range after rounding
-
-
-def random_points(space: dict[str, tuple[str, list]], count: int, seed: int) -> list[dict[str, Any]]:
-    """`count` distinct draws; the same seed gives the same draws."""
-    rng = random.Random(seed)
-    points: list[dict[str, Any]] = []
-    seen = set()
-    for _ in range(count * 100):
-        point = {key: sample(kind, args, rng) for key, (kind, args) in space.items()}
-        if json.dumps(point) not in seen:  # a repeat would train the same variant twice
-            seen.add(json.dumps(point))
-            points.append(point)
-            if len(points) == count:
-                return points
-    raise RecipeError(f"command line: --random {count}: the space has only {len(points)} distinct points; ask for "
-                      "fewer, or use --grid")
-
-
-def short(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "+".join(map(short, value))
-    return str(value)
-
-
-def variant_name(index: int, width: int, point: dict[str, Any]) -> str:
-    """v03-learning_rate=1e-05-r=8: the index keeps names unique when they are cut short or values repeat."""
-    parts = [f"v{index:0{width}d}", *(f"{key.rsplit('.', 1)[-1]}={short(v)}" for key, v in point.items())]
-    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))[:80]
-
-
-def points_from_flags(grid: Any, count: Any, space: Any, seed: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    if (grid is None) == (space is None):
-        raise RecipeError(f"command line: give --grid {GRID_EXAMPLE}, or --random N --space {SPACE_EXAMPLE}")
-    if grid is not None:
-        if count is not None:
-            raise RecipeError("command line: --random N goes with --space, not --grid")
-        return grid_points(parse_grid(grid)), {"grid": grid}
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise RecipeError(f"command line: --space needs --random N, the number of variants (an integer >= 1); got "
-                          f"{count!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise RecipeError(f"command line: --seed must be an integer, got {seed!r}")
-    return random_points(parse_space(space), count, seed), {"space": space, "random": count, "seed": seed}
-
-
 def build(recipe: str, common: dict[str, Any], points: list[dict[str, Any]], spec: dict[str, Any]) -> Sweep:
     for key in points[0]:
         if key in FIXED or key.startswith("slurm."):
@@ -282,37 +73,19 @@ def build(recipe: str, common: dict[str, Any], points: list[dict[str, Any]], spe
                  variants, spec)
 
 
-def validate(sweep: Sweep, topo: Topology) -> list[Plan]:
-    """Plan every variant and check its data, as launch and submit would, before anything runs."""
+def validate(sweep: Sweep, topo: Topology | None) -> list[pipeline.Run]:
+    """Every variant through the gate, as launch and submit would run it, before anything runs (topo None: the
+    Slurm job's ranks)."""
     resolved = []
     for variant in sweep.variants:
         try:
-            plan = plans.make(sweep.recipe, sweep.overrides(variant), topo)
-            resume = checkpoints.resume_point(variant.run_dir, plan.recipe.run.resume, topo.world)
-            if resume is not None:
-                rundir.check_same_recipe(variant.run_dir, plan.files()["recipe.yaml"])
-            tracking.check_credentials(plan.recipe, sweep.recipe)
-            check_data_and_tokenizer(plan.recipe, sweep.recipe)
+            resolved.append(pipeline.prepare(sweep.recipe, sweep.overrides(variant), topo))
         except RecipeError as err:
             raise RecipeError(f"sweep variant {variant.name}: {err}") from None
-        resolved.append(plan)
     return resolved
 
 
-def is_finished(plan: Plan) -> bool:
-    done = checkpoints.complete(plan.run_dir)
-    return bool(done) and checkpoints.finished(done[-1])
-
-
 # --- the two ways to run a sweep, as the CLI calls them ---------------------------------------------------------
-
-def check_flags(overrides: dict[str, Any]) -> None:
-    """Dotted keys are recipe overrides; anything else is a flag `sweep` does not have."""
-    for key in overrides:
-        if not recipes.is_override(key) and key != "resume":
-            raise RecipeError(f"command line: unknown option --{key}{did_you_mean(key, FLAGS)}; recipe overrides "
-                              "look like --section.key=value")
-
 
 def here(recipe: str, overrides: dict[str, Any], points: list, spec: dict, nproc_per_node: Any, master_port: Any,
          dry_run: bool) -> int:
@@ -327,8 +100,9 @@ def here(recipe: str, overrides: dict[str, Any], points: list, spec: dict, nproc
     if dry_run:
         print(f"sweep {sweep.directory}: {len(sweep.variants)} variants, {topo} each (dry run: nothing written, "
               "nothing run)")
-        for variant in sweep.variants:
-            print(f"{variant.name}: {shlex.join(['launcher', *launch_command(sweep, variant, flags)[3:]])}")
+        for variant, run in zip(sweep.variants, resolved, strict=True):
+            swept = " ".join(f"--{k}={v}" for k, v in variant.overrides.items())
+            print(f"{variant.name}: {swept}: {shlex.join(['launcher', *launch_command(run, flags)[3:]])}")
         return 0
     failed = run_local(sweep, resolved, flags)
     print(render_report(report(str(sweep.directory))), flush=True)
@@ -339,12 +113,8 @@ def on_slurm(recipe: str, overrides: dict[str, Any], points: list, spec: dict, f
              max_parallel: Any, dry_run: bool) -> None:
     """Validate every variant for the job's ranks, then submit one job array, a task per variant."""
     overrides = {**overrides, **{f"slurm.{k}": v for k, v in flags.items() if v is not None}}
-    options = recipes.load(recipe, overrides).slurm
-    if options.gpus_per_node is None:
-        raise RecipeError(f"{recipe}: slurm.gpus_per_node is not set; pass --gpus_per_node (ranks per node)")
-    topo = Topology((options.gpus_per_node,) * options.nodes)
     sweep = build(recipe, overrides, points, spec)
-    submit(sweep, validate(sweep, topo), options, max_parallel, dry_run)
+    submit(sweep, validate(sweep, None), max_parallel, dry_run)
 
 
 # --- the manifest ----------------------------------------------------------------------------------------------
@@ -391,32 +161,24 @@ def write_manifest(directory: Path, data: dict[str, Any]) -> None:
 
 # --- running: here, one variant after another ------------------------------------------------------------------
 
-def launch_command(sweep: Sweep, variant: Variant, flags: list[str]) -> list[str]:
-    return [sys.executable, "-m", "launcher", "launch", sweep.recipe, *flags,
-            *(f"--{key}={fire_literal(value)}" for key, value in sweep.overrides(variant).items())]
+def launch_command(run: pipeline.Run, flags: list[str]) -> list[str]:
+    """A variant starts as any run does: `launch` of its resolved recipe, written into its run directory."""
+    return [sys.executable, "-m", "launcher", "launch", str(run.run_dir / "recipe.yaml"), *flags]
 
 
-def fire_literal(value: Any) -> str:
-    """The text python-fire reads back as `value`: a path as it is, but the string '1e-05' quoted."""
-    from fire import parser
-
-    if isinstance(value, str) and parser.DefaultParseValue(value) == value:
-        return value
-    return repr(value)
-
-
-def run_local(sweep: Sweep, resolved: list[Plan], flags: list[str]) -> int:
+def run_local(sweep: Sweep, resolved: list[pipeline.Run], flags: list[str]) -> int:
     """Train the variants in turn, past failures; returns how many failed."""
     data = open_manifest(sweep)
     write_manifest(sweep.directory, data)
     total = len(sweep.variants)
     print(f"sweep {sweep.directory}: {total} variants", flush=True)
-    for i, (variant, plan, entry) in enumerate(zip(sweep.variants, resolved, data["variants"], strict=True), 1):
-        if is_finished(plan):
+    for i, (variant, run, entry) in enumerate(zip(sweep.variants, resolved, data["variants"], strict=True), 1):
+        if run.finished:
             print(f"[{i}/{total}] {variant.name}: already trained to the end; skipped", flush=True)
             entry["exit_code"] = 0
             continue
-        command = launch_command(sweep, variant, flags)
+        rundir.prepare(run.run_dir, run.plan.snapshot())
+        command = launch_command(run, flags)
         print(f"[{i}/{total}] {variant.name}: {shlex.join(['launcher', *command[3:]])}", flush=True)
         entry["exit_code"] = subprocess.run(command).returncode
         write_manifest(sweep.directory, data)
@@ -429,21 +191,22 @@ def run_local(sweep: Sweep, resolved: list[Plan], flags: list[str]) -> int:
 
 # --- running: one Slurm job array ------------------------------------------------------------------------------
 
-def submit(sweep: Sweep, resolved: list[Plan], options, max_parallel: Any, dry_run: bool) -> None:
+def submit(sweep: Sweep, resolved: list[pipeline.Run], max_parallel: Any, dry_run: bool) -> None:
     from launcher import slurm
 
     if max_parallel is not None and (isinstance(max_parallel, bool) or not isinstance(max_parallel, int)
                                      or max_parallel < 1):
         raise RecipeError(f"command line: --max_parallel must be an integer >= 1, got {max_parallel!r}")
     data = open_manifest(sweep)
-    pending = [i for i, plan in enumerate(resolved) if not is_finished(plan)]
+    pending = [i for i, run in enumerate(resolved) if not run.finished]
+    first = resolved[0]
     gpus = slurm.cluster_has_gpus()
-    script = slurm.render(sweep.directory, sweep.name, options, resolved[0].recipe.run.consolidate, gpus,
+    script = slurm.render(sweep.directory, sweep.name, first.recipe.slurm, first.recipe.run.consolidate, gpus,
                           array=[sweep.variants[i].run_dir for i in pending], max_parallel=max_parallel)
     tasks = "\n".join(f"task {t}: {sweep.variants[i].name} -> {sweep.variants[i].run_dir}"
                       for t, i in enumerate(pending))
     header = (f"sweep {sweep.directory}: {len(sweep.variants)} variants, {len(pending)} to train\n"
-              f"{resolved[0].batch}\n{resolved[0].topology} per variant ({'GPU' if gpus else 'CPU'} ranks)\n"
+              f"{first.plan.batch}\n{first.plan.topology} per variant ({'GPU' if gpus else 'CPU'} ranks)\n"
               f"log: {slurm.log_pattern(sweep.directory, array=True)}\n{tasks}")
     if dry_run:
         print(f"{header}\n--- {sweep.directory / slurm.SCRIPT} (dry run: nothing written, nothing submitted)\n"
@@ -452,14 +215,9 @@ def submit(sweep: Sweep, resolved: list[Plan], options, max_parallel: Any, dry_r
     if not pending:
         print(f"{header}\nevery variant is already trained to the end; nothing to submit", flush=True)
         return
-    active = slurm.active_job_for(sweep.directory) if shutil.which("squeue") else None
-    if active:
-        raise RecipeError(f"{sweep.directory}: job {active} is already training this sweep; wait for it or cancel it "
-                          f"(scancel {active})")
+    slurm.refuse_active_job(sweep.directory)
     for i in pending:
-        plan = resolved[i]
-        rundir.prepare(plan.run_dir, {"recipe.yaml": recipes.dump(plan.recipe),
-                                      "ds_config.json": plan.files()["ds_config.json"]})
+        pipeline.write(resolved[i], resolved[i].plan.snapshot())
     (sweep.directory / "logs").mkdir(parents=True, exist_ok=True)
     rundir.write_atomic(sweep.directory / slurm.SCRIPT, script)
     write_manifest(sweep.directory, data)
@@ -468,109 +226,6 @@ def submit(sweep: Sweep, resolved: list[Plan], options, max_parallel: Any, dry_r
         data["variants"][i]["job"] = f"{job}_{task}"
     write_manifest(sweep.directory, data)
     at_most = f", at most {max_parallel} at a time" if max_parallel else ""
-    log = slurm.log_pattern(sweep.directory, array=True).replace("%x", sweep.name).replace("%A", job)
+    log = slurm.job_log(sweep.directory, sweep.name, job, array=True)
     print(f"{header}\nsubmitted job array {job} ({len(pending)} tasks{at_most})\nlog: {log}\n"
           f"report: launcher sweep_report {sweep.directory}", flush=True)
-
-
-# --- the report ------------------------------------------------------------------------------------------------
-
-def load_manifest(where: str) -> tuple[Path, dict[str, Any]]:
-    path = Path(where)
-    path = path if path.name == MANIFEST else path / MANIFEST
-    if not path.is_file():
-        raise RecipeError(f"{where}: no {MANIFEST} here; give the sweep directory `launcher sweep` printed "
-                          "(<run dir>-sweep)")
-    try:
-        return path.parent, json.loads(path.read_text())
-    except ValueError:
-        raise RecipeError(f"{path}: not valid JSON") from None
-
-
-def trainer_state(run_dir: Path) -> dict[str, Any] | None:
-    """The loss history: written beside the checkpoints when training ends, else the newest checkpoint's."""
-    candidates = [checkpoints.directory(run_dir) / "trainer_state.json",
-                  *(c / "trainer_state.json" for c in reversed(checkpoints.listing(run_dir)))]
-    for path in candidates:
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def last_values(state: dict[str, Any] | None) -> dict[str, float]:
-    """Each logged key's last value (loss, eval_loss, train_loss, ...)."""
-    out: dict[str, float] = {}
-    for entry in (state or {}).get("log_history", []):
-        out.update({k: v for k, v in entry.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")})
-    return out
-
-
-def status(entry: dict[str, Any], run_dir: Path, state: dict[str, Any] | None) -> str:
-    done = checkpoints.complete(run_dir)
-    if done and checkpoints.finished(done[-1]):
-        return "finished"
-    if entry.get("exit_code") not in (None, 0):
-        return f"failed (exit {entry['exit_code']})"
-    if entry.get("job"):
-        from launcher import slurm
-
-        state_now = slurm.job_state(entry["job"])
-        if state_now and state_now != "COMPLETED":
-            return f"{state_now.lower()} (job {entry['job']})"
-    return "incomplete" if state else "not run"
-
-
-def report(where: str, metric: str | None = None) -> dict[str, Any]:
-    """The variants, best first by `metric`; those without it (failed, not run) last, in sweep order."""
-    directory, data = load_manifest(where)
-    rows = []
-    for entry in data["variants"]:
-        run_dir = Path(entry["run_dir"])
-        if not run_dir.exists() and (directory / entry["name"]).exists():  # the sweep was moved or copied here
-            run_dir = directory / entry["name"]
-        state = trainer_state(run_dir)
-        values = last_values(state)
-        evals = {k: v for k, v in values.items() if k.startswith("eval_") and not k.endswith(_NOT_METRICS)}
-        rows.append({"variant": entry["name"], "overrides": entry["overrides"], "run_dir": str(run_dir),
-                     "status": status(entry, run_dir, state), "steps": state.get("global_step") if state else None,
-                     "max_steps": state.get("max_steps") if state else None, "loss": values.get("loss"),
-                     "eval": evals, "values": values})
-    logged = sorted({k for row in rows for k in row["values"]})
-    if metric is None:
-        metric = "eval_loss" if "eval_loss" in logged else "loss"
-    elif logged and metric not in logged:
-        raise RecipeError(f"{directory}: no variant logged {metric!r}; logged: {', '.join(logged)}")
-    lower = "loss" in metric
-    ranked = sorted((r for r in rows if metric in r["values"]), key=lambda r: r["values"][metric], reverse=not lower)
-    unranked = [r for r in rows if metric not in r["values"]]
-    for rank, row in enumerate(ranked, 1):
-        row["rank"] = rank
-    for row in rows:
-        row["metric"] = row["values"].pop(metric, None)
-        row.pop("values")
-    return {"sweep": str(directory), "name": data.get("name"), "metric": metric,
-            "better": "lower" if lower else "higher", "variants": [*ranked, *unranked]}
-
-
-def render_report(result: dict[str, Any]) -> str:
-    metric = result["metric"]
-    evals = any("eval_loss" in r["eval"] for r in result["variants"])
-    extra = [metric] if metric not in ("loss", "eval_loss") else []
-    lines = [["#", "variant", "steps", "loss", *(["eval_loss"] if evals else []), *extra, "status", "overrides"]]
-    for r in result["variants"]:
-        steps = f"{r['steps']}/{r['max_steps']}" if r["steps"] is not None else "-"
-        lines.append([str(r.get("rank", "-")), r["variant"], steps, _number(r["loss"]),
-                      *([_number(r["eval"].get("eval_loss"))] if evals else []),
-                      *([_number(r["metric"])] if extra else []), r["status"],
-                      " ".join(f"{k}={short(v)}" for k, v in r["overrides"].items())])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
-    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in lines]
-    title = (f"sweep {result['sweep']}: {len(result['variants'])} variants, ranked by {metric} "
-             f"({result['better']} is better)")
-    return "\n".join([title, *table])
-
-
-def _number(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4g}"

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from launcher import assets
 from launcher.errors import RecipeError
 
-STAND_INS = Path(__file__).resolve().parents[1] / "recipes" / "stand-ins"
+STAND_INS = assets.stand_ins()  # package data; recipes/stand-ins in a checkout
 # (model_type, vocab_size) -> stand-in tokenizer directory: the family is told apart by its vocabulary
 STAND_IN_TOKENIZERS = {("llama", 128256): STAND_INS / "llama-3.1-tokenizer"}
 SHAPE = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,

@@ -1,4 +1,5 @@
-"""The training worker: one rank of a run, in stages from recipe to saved checkpoint.
+"""The training worker: one rank of a run, in three parts: `build` (tokenizer, data, training arguments, process
+group, model, freeze, LoRA, trainer), `train` and `finish`. The dry run calls the same `build` on a shrunk recipe.
 
 Started by the real launcher as `deepspeed ... --module launcher.train RECIPE [--section.key=value ...]` (what
 `launcher launch` runs; you may run it yourself), or in-process as a single rank by `launcher train RECIPE`.
@@ -6,20 +7,22 @@ Started by the real launcher as `deepspeed ... --module launcher.train RECIPE [-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 import traceback
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from launcher import checkpoints, data, ds_config, modeling, rundir, tracking
+from launcher import checkpoints, data, ds_config, modeling, pipeline, preflight, rundir, tracking
 from launcher import recipe as recipes
 from launcher.consolidate import resolve_checkpoint
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
-
-STOPPED = "stopped.json"  # written when a stop request ended training early: the job script requeues on it
+from launcher.topology import Topology
 
 
 def run(recipe_path: str, overrides: dict) -> None:
@@ -27,9 +30,18 @@ def run(recipe_path: str, overrides: dict) -> None:
     rank, world = distributed_env()
     run_dir = None
     try:
-        recipe = recipes.load(recipe_path, overrides)
-        run_dir = Path(recipe.run.output_dir)
-        _train(recipe, recipe_path, rank, world)
+        # --- the gate, as `launch` passed it: ranks re-check what they start from (the data they load below)
+        run = pipeline.prepare(recipe_path, overrides, Topology((world,)), check_data=False)
+        run_dir = run.run_dir
+        if run.finished:
+            if rank == 0:
+                print(run.status(), flush=True)
+            return
+        if rank == 0:
+            pipeline.write(run, run.plan.snapshot())
+        built = build(run.recipe, run.plan.ds_config, recipe_path, world)
+        tracker = train(built, run, rank, world)
+        finish(built, run, tracker, rank)
     except RecipeError as err:
         if rank == 0:  # every rank finds the same problem; say it once
             print(f"error: {err}", file=sys.stderr, flush=True)
@@ -57,19 +69,22 @@ def crash_line(err: Exception, rank: int, run_dir: Path | None) -> str:
     return f"{line} [traceback: {saved}]"
 
 
-def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
-    # --- recipe: validated and resolved exactly as `plan` did, for the world size these ranks form
-    ds, batch = ds_config.resolve(recipe, world, recipes.model_config(recipe, recipe_path), recipe_path)
-    run_dir = Path(recipe.run.output_dir)
-    tracking.check_credentials(recipe, recipe_path)
-    resume = checkpoints.resume_point(run_dir, recipe.run.resume, world)
-    if resume and checkpoints.finished(resume):
-        if rank == 0:
-            print(f"{run_dir}: already trained to the end ({resume.name}); nothing to do", flush=True)
-        return
-    if rank == 0:
-        start_run_dir(run_dir, recipe, ds, resume)
+@dataclass
+class Built:
+    """What `build` made: the trainer (holding the model, arguments and prepared data) and what it was made from."""
 
+    trainer: Any
+    tokenizer: Any
+    train_set: Any  # the rows as loaded, before the trainer tokenized them
+    eval_set: Any
+    trainable: tuple[int, int]  # (trainable, total) parameters
+    stopper: Any = None
+
+
+def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextlib.nullcontext(),
+          select=None) -> Built:
+    """Every step from recipe to a ready trainer, as the worker and the dry run both run it. stage(name): a context
+    for each step (the dry run names the failing one); select(train, eval): a cut of the rows (the dry run's)."""
     import deepspeed  # heavy imports only once the recipe is known to be good
     import torch
     from transformers import set_seed
@@ -80,91 +95,113 @@ def _train(recipe, recipe_path: str, rank: int, world: int) -> None:
 
     on_gpu = torch.cuda.is_available()
     seed = ds_config.training_value(recipe, "seed")
+    run_dir = Path(recipe.run.output_dir)
 
-    # --- tokenizer and data
-    if rank != 0:  # one set of progress bars, not one per rank, ahead of any error line
-        import datasets
+    # --- tokenizer and data; the chat template must mark the tokens that carry the loss
+    with stage("dataset"):
+        if int(os.environ.get("RANK", "0")) != 0:  # one set of progress bars, not one per rank
+            import datasets
 
-        datasets.disable_progress_bars()
-    tokenizer = modeling.load_tokenizer(recipe)
-    train_set, eval_set = data.load(recipe, recipe_path, seed)
+            datasets.disable_progress_bars()
+        tokenizer = modeling.load_tokenizer(recipe)
+        loaded: list = []
+        train_set, eval_set = data.load(recipe, where, seed, loaded=loaded)
+        if select:
+            train_set, eval_set = select(train_set, eval_set)
+    with stage("loss tokens"):
+        preflight.check_template(recipe, where, tokenizer, loaded)
 
     # --- training arguments before the model: under ZeRO-3 the model is partitioned while it is built.
     # Retention is ours (callbacks.CompleteCheckpoints): HF's rotation would count half-written checkpoints.
     # SFTConfig for every task: it is the HF TrainingArguments plus SFT fields (the schema refuses those for other
     # tasks), so one schema, one set of defaults and one DeepSpeed resolution serve SFTTrainer and Trainer alike.
-    training = {**recipe.training, "save_total_limit": None}
-    if recipe.task != "sft":  # the HF Trainer counts tokens only when asked (TRL always does): for W&B throughput
-        training.setdefault("include_num_input_tokens_seen", "non_padding")
-    args = SFTConfig(output_dir=str(checkpoints.directory(run_dir)), deepspeed=ds, use_cpu=not on_gpu, **training)
-    if args.world_size != world:  # reading it joins the process group: ZeRO-3 partitions the model at build time
-        raise RuntimeError(f"the trainer sees world size {args.world_size}, the launcher started {world} ranks")
-    if not on_gpu:  # CPU ranks talk over gloo. DeepSpeed's shared-memory collectives are a C++ build at first use,
-        # and a build killed half-way leaves a lock file that makes every later start wait on it forever.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed()  # on CPU accelerate joins through torch alone; DeepSpeed must see that group too
+    with stage("model"):
+        training = {**recipe.training, "save_total_limit": None}
+        if recipe.task != "sft":  # the HF Trainer counts tokens only when asked (TRL always does): for W&B
+            training.setdefault("include_num_input_tokens_seen", "non_padding")
+        args = SFTConfig(output_dir=str(checkpoints.directory(run_dir)), deepspeed=ds, use_cpu=not on_gpu, **training)
+        if args.world_size != world:  # reading it joins the process group: ZeRO-3 partitions the model at build
+            raise RuntimeError(f"the trainer sees world size {args.world_size}, the launcher started {world} ranks")
+        if not on_gpu:  # CPU ranks talk over gloo. DeepSpeed's shared-memory collectives are a C++ build at first
+            # use, and a build killed half-way leaves a lock file that makes every later start wait on it forever.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed()  # on CPU accelerate joins through torch alone; DeepSpeed must see it too
 
-    # --- model (a new head for classification), frozen parts, LoRA adapters when the recipe asks
-    set_seed(seed)
-    model = modeling.load_model(recipe, on_gpu)
-    if recipe.task == "sft":  # saved with every checkpoint, which consolidation then copies as it is
-        modeling.stop_at_end_of_turn(model.generation_config, tokenizer)
-    trainable = freeze.apply(model, recipe.freeze, recipe_path)
-    peft_config = modeling.lora_config(recipe, model, recipe_path)
+        # --- model (a new head for classification), frozen parts, LoRA adapters when the recipe asks
+        set_seed(seed)
+        model = modeling.load_model(recipe, on_gpu)
+        if recipe.task == "sft":  # saved with every checkpoint, which consolidation then copies as it is
+            modeling.stop_at_end_of_turn(model.generation_config, tokenizer)
+        trainable = freeze.apply(model, recipe.freeze, where)
+    with stage("LoRA targets"):
+        peft_config = modeling.lora_config(recipe, model, where)
 
-    # --- trainer: TRL's for SFT, the HF Trainer for a classification or regression head
+    # --- trainer: TRL's for SFT (it tokenizes the data), the HF Trainer for a classification or regression head
     stopper = StopOnRequest(os.environ[STOP_FILE_ENV]) if os.environ.get(STOP_FILE_ENV) else None
     callbacks = [CompleteCheckpoints(run_dir, world, ds_config.zero_stage(ds, recipe.deepspeed.config),
                                      recipe.training.get("save_total_limit")), *([stopper] if stopper else [])]
-    if recipe.task == "sft":
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                             processing_class=tokenizer, peft_config=peft_config, callbacks=[*callbacks, Perplexity()])
-    else:
-        from launcher import classify
+    with stage("tokenize"):
+        if recipe.task == "sft":
+            trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                 processing_class=tokenizer, peft_config=peft_config,
+                                 callbacks=[*callbacks, Perplexity()])
+        else:
+            from launcher import classify
 
-        trainer = classify.make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks,
-                                        ds_config.training_value(recipe, "max_length"))
-    tracker = None
+            trainer = classify.make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks,
+                                            ds_config.training_value(recipe, "max_length"))
+    return Built(trainer, tokenizer, train_set, eval_set, trainable, stopper)
+
+
+def train(built: Built, run: pipeline.Run, rank: int, world: int):
+    """Train from the gate's resume point; the final step always writes a sharded checkpoint. Returns rank 0's
+    W&B run (or None)."""
+    import torch
+
+    from launcher import freeze
+
+    recipe, trainer, tracker = run.recipe, built.trainer, None
     if rank == 0:
-        start = f", resuming from {resume.name}" if resume else ""
-        print(f"training {recipe.run.name}: {len(train_set)} rows, {batch}{start}", flush=True)
+        start = f", resuming from {run.resume.name}" if run.resume else ""
+        changed = f"; changed since the run started: {', '.join(run.changes)}" if run.changes else ""
+        print(f"training {recipe.run.name}: {len(built.train_set)} rows, {run.plan.batch}{start}{changed}", flush=True)
         if recipe.freeze:
-            print(f"freeze: {freeze.describe(*trainable)}", flush=True)
-        tracker = start_tracking(recipe, run_dir, ds, world, str(batch), model)
+            print(f"freeze: {freeze.describe(*built.trainable)}", flush=True)
+        tracker = start_tracking(recipe, run.run_dir, run.plan.ds_config, world, str(run.plan.batch))
         if tracker:
-            trainer.add_callback(tracking.make_callback(tracker, world, modeling.parameter_count(model)))
-
-    # --- train; the final step always writes a sharded checkpoint
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    rundir.record_rank(run_dir, rank, world, trainer.model_wrapped.config)
-
-    # --- save the loss history next to the checkpoints; rank 0 merges the shards once every rank has saved
-    trainer.save_state()
+            trainer.add_callback(tracking.make_callback(tracker, world, modeling.parameter_count(trainer.model)))
+    trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
+    rundir.record_rank(run.run_dir, rank, world, trainer.model_wrapped.config)
+    trainer.save_state()  # the loss history, next to the checkpoints
     torch.distributed.barrier()
+    return tracker
+
+
+def finish(built: Built, run: pipeline.Run, tracker, rank: int) -> None:
+    """Rank 0, once every rank has saved: stopped on request (the job requeues), or merge the shards into final/."""
     if rank != 0:
         return
+    run_dir, stopper = run.run_dir, built.stopper
     if stopper and stopper.stopped_at is not None:
-        if tracker:
-            tracker.finish()
-        rundir.write_atomic(run_dir / STOPPED, json.dumps({"step": stopper.stopped_at}) + "\n")
+        rundir.write_atomic(run_dir / pipeline.STOPPED, json.dumps({"step": stopper.stopped_at}) + "\n")
         print(f"stopped at step {stopper.stopped_at} on request, with a complete checkpoint; the same command "
               "continues the run", flush=True)
-        return
-    print(summary(trainer, run_dir), flush=True)
-    if recipe.run.consolidate:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    else:
+        print(summary(built.trainer, run_dir), flush=True)
+        if run.recipe.run.consolidate:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        from launcher.consolidate import consolidate
+            from launcher.consolidate import consolidate
 
-        unset_hf_deepspeed_config()  # else building the model to merge into would start a ZeRO-3 partition
-        consolidate(str(run_dir), str(run_dir / "final"), overwrite=True)  # its newest complete checkpoint
+            unset_hf_deepspeed_config()  # else building the model to merge into would start a ZeRO-3 partition
+            consolidate(str(run_dir), str(run_dir / "final"), overwrite=True)  # its newest complete checkpoint
+        if tracker and run.recipe.wandb.log_model and (run_dir / "final").is_dir():
+            tracking.log_model(tracker, run_dir / "final", run.recipe.run.name)
     if tracker:
-        if recipe.wandb.log_model and (run_dir / "final").is_dir():
-            tracking.log_model(tracker, run_dir / "final", recipe.run.name)
         tracker.finish()
 
 
-def start_tracking(recipe, run_dir: Path, ds: dict, world: int, batch: str, model):
+def start_tracking(recipe, run_dir: Path, ds: dict, world: int, batch: str):
     if recipe.wandb is None or recipe.wandb.mode == "disabled":
         return None
     nodes = int(os.environ.get("CROSS_SIZE", "1"))  # set by DeepSpeed's launcher
@@ -172,19 +209,6 @@ def start_tracking(recipe, run_dir: Path, ds: dict, world: int, batch: str, mode
     run = tracking.start(recipe, run_dir, config)
     print(f"W&B run {run.id} ({recipe.wandb.mode}): {run.url or run_dir / 'wandb'}", flush=True)
     return run
-
-
-def start_run_dir(run_dir: Path, recipe, ds: dict, resume: Path | None) -> None:
-    """Rank 0: snapshot what runs, and move checkpoints cut short by an earlier crash out of the way."""
-    text = recipes.dump(recipe)
-    if resume is not None and resume.parent == checkpoints.directory(run_dir):
-        rundir.check_same_recipe(run_dir, text)
-    for moved in checkpoints.set_aside(run_dir, checkpoints.incomplete(run_dir)):
-        print(f"skipping incomplete checkpoint (no {checkpoints.MARKER}; moved to {moved})", flush=True)
-    (run_dir / STOPPED).unlink(missing_ok=True)
-    rundir.write_atomic(run_dir / "recipe.yaml", text)
-    rundir.write_atomic(run_dir / "ds_config.json", ds_config.to_json(ds))
-    rundir.record_environment(run_dir)
 
 
 def summary(trainer, run_dir: Path) -> str:

@@ -11,10 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, cli
-from tests.integration.test_deepspeed_launch import assert_every_rank_wrote_shards, launch
-from tests.integration.test_wandb import history_of, records
-from tests.unit.test_heads import BASE, sentiment_recipe
+from tests.helpers import BASE, REPO, assert_every_rank_wrote_shards, cli, history_of, launch, records, sentiment_recipe
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, cli, smoke_recipe
-from tests.integration.test_deepspeed_launch import GATHER, QUICK, free_port, launch
+from tests.helpers import GATHER, QUICK, REPO, cli, free_port, launch, smoke_recipe
 
 pytestmark = pytest.mark.integration
 

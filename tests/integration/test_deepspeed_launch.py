@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,46 +12,24 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tests.conftest import REPO, cli, smoke_recipe
+from tests.helpers import (
+    GATHER,
+    QUICK,
+    REPO,
+    assert_every_rank_wrote_shards,
+    cli,
+    free_port,
+    last_checkpoint,
+    launch,
+    smoke_recipe,
+)
 
 pytestmark = pytest.mark.integration
-
-QUICK = {"max_steps": 20, "logging_steps": 5, "eval_strategy": "no", "save_steps": 20}
-GATHER = {"zero_optimization": {"stage3_gather_16bit_weights_on_model_save": True}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(recipe: Path, *flags, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
-    """Launch, and return the result with the plan that `plan` prints for the same arguments."""
-    args = [recipe, "--master_port", free_port(), *flags]
-    planned = cli("plan", *args, "--format", "json")
-    assert planned.returncode == 0, planned.stderr
-    result = cli("launch", *args, env=env)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-    return result, json.loads(planned.stdout)
 
 
 def losses(run_dir: Path) -> list[float]:
     state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
     return [e["loss"] for e in state["log_history"] if "loss" in e]
-
-
-def last_checkpoint(run_dir: Path) -> Path:
-    return max((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-
-
-def assert_every_rank_wrote_shards(run_dir: Path, world: int) -> None:
-    checkpoint = last_checkpoint(run_dir)
-    step_dir = checkpoint / (checkpoint / "latest").read_text().strip()
-    for rank in range(world):
-        shards = list(step_dir.glob(f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
-        assert shards and shards[0].stat().st_size > 0, f"rank {rank} wrote no optimizer shard in {step_dir}"
-    assert not list(step_dir.glob(f"*zero_pp_rank_{world}_*"))
 
 
 def assert_ranks_used_planned_config(run_dir: Path, plan: dict, world: int) -> None:

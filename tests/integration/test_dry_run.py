@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, cli, smoke_recipe
+from tests.helpers import REPO, cli, smoke_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ HEAD_STAGES = ("recipe valid", "dataset", "tokens/example", "labels", "trainable
 
 
 def test_classification_recipe_passes(tmp_path):
-    from tests.unit.test_heads import sentiment_recipe
+    from tests.helpers import sentiment_recipe
 
     result = dry_run(sentiment_recipe(tmp_path), tmp_path, tiny=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -69,7 +69,7 @@ def test_classification_recipe_passes(tmp_path):
 def test_regression_head_passes(tmp_path):
     import json
 
-    from tests.unit.test_heads import sentiment_recipe
+    from tests.helpers import sentiment_recipe
 
     rows = [json.loads(line) for line in (REPO / "recipes/sentiment/data/train.jsonl").read_text().splitlines()]
     scores = tmp_path / "scores.jsonl"  # the same reviews, scored 0.0 (negative) or 1.0 (positive)

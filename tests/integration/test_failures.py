@@ -6,43 +6,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import REPO, smoke_recipe
-from tests.integration.test_deepspeed_launch import free_port
-from tests.integration.test_resume import complete_steps
+from tests.helpers import FAULT, REPO, complete_steps, free_port, smoke_recipe
 
 pytestmark = pytest.mark.integration
 
 LONG = {"max_steps": 400, "save_steps": 4, "logging_steps": 1, "eval_strategy": "no"}
-
-# Injected into every Python process of the run through PYTHONPATH: rank 1 (and only rank 1) fails to load its
-# data, as when a node cannot read the dataset. Test-only: the launcher has no fault-injection switch.
-FAULT = textwrap.dedent('''
-    import os, sys
-    if os.environ.get("RANK") == "1":
-        class _Fault:
-            def find_spec(self, name, path, target=None):
-                if name != "launcher.data":
-                    return None
-                sys.meta_path.remove(self)
-                import importlib.util
-                spec = importlib.util.find_spec(name)
-                run_module = spec.loader.exec_module
-                def exec_module(module):
-                    run_module(module)
-                    def load(*args, **kwargs):
-                        raise OSError("injected: cannot read train.jsonl on this node")
-                    module.load = load
-                spec.loader.exec_module = exec_module
-                return spec
-        sys.meta_path.insert(0, _Fault())
-''')
 
 
 def start(recipe: Path, log: Path, env: dict | None = None) -> subprocess.Popen:

@@ -4,23 +4,15 @@ run ends, and checkpoints cut short are skipped, never loaded."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, smoke_recipe
-from tests.integration.test_deepspeed_launch import free_port, launch
+from tests.helpers import STEPS, cli, complete_steps, kill_after_first_checkpoint, launch, smoke_recipe
 
 pytestmark = pytest.mark.integration
-
-STEPS = {"max_steps": 16, "save_steps": 4, "logging_steps": 1, "eval_strategy": "no", "save_total_limit": 2}
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
@@ -28,27 +20,8 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 
-def complete_steps(run_dir: Path) -> list[int]:
-    markers = (run_dir / "checkpoints").glob("checkpoint-*/complete.json")
-    return sorted(int(p.parent.name.split("-")[1]) for p in markers)
-
-
 def weights(model_dir: Path) -> dict:
     return {name: t for shard in sorted(model_dir.glob("*.safetensors")) for name, t in load_file(shard).items()}
-
-
-def kill_after_first_checkpoint(recipe: Path, run_dir: Path, env: dict | None = None) -> int:
-    """Start a launch, SIGKILL the launcher and every rank once a checkpoint is complete; return its step."""
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "launch", recipe, "--nproc_per_node", "2",
-                             "--master_port", str(free_port())], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + 300
-    while not complete_steps(run_dir):
-        assert proc.poll() is None and time.monotonic() < deadline, "no complete checkpoint before the run ended"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return complete_steps(run_dir)[-1]
 
 
 def fake_half_written_save(run_dir: Path, step: int) -> Path:
@@ -93,3 +66,23 @@ def test_killed_run_resumes_exactly(tmp_path):
 
     # retention: save_total_limit 2 keeps the newest two complete checkpoints
     assert complete_steps(run_dir) == [12, 16]
+
+
+def test_a_finished_run_continues_with_more_steps_and_refuses_another_learning_rate(tmp_path):
+    """max_steps does not identify the experiment: a finished run given more steps continues from its last
+    checkpoint (not 'nothing to do'); a changed learning rate is another experiment, refused naming the key."""
+    recipe = smoke_recipe(tmp_path, training={"max_steps": 4, "save_steps": 4, "logging_steps": 1,
+                                              "eval_strategy": "no"})
+    run_dir = tmp_path / "run"
+    launch(recipe, "--nproc_per_node", 2)
+    assert complete_steps(run_dir) == [4]
+    refused = cli("launch", recipe, "--nproc_per_node", 2, "--training.max_steps=8", "--training.learning_rate=1e-4")
+    assert refused.returncode == 2 and "training.learning_rate changed" in refused.stderr, refused.stderr
+    assert refused.stderr.count("\n") == 1 and complete_steps(run_dir) == [4]
+
+    result, _ = launch(recipe, "--nproc_per_node", 2, "--training.max_steps=8")
+    assert f"resuming from {run_dir / 'checkpoints' / 'checkpoint-4'}" in result.stdout
+    assert "training.max_steps: 4 -> 8" in result.stdout
+    assert complete_steps(run_dir)[-1] == 8 and sorted(step_losses(run_dir)) == list(range(1, 9))
+    again = cli("launch", recipe, "--nproc_per_node", 2, "--training.max_steps=8")
+    assert again.returncode == 0 and "already trained to the end (checkpoint-8); nothing to do" in again.stdout

@@ -11,8 +11,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import cli, smoke_recipe
-from tests.integration.test_deepspeed_launch import free_port
+from tests.helpers import cli, free_port, smoke_recipe
 
 pytestmark = pytest.mark.integration
 

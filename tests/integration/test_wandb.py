@@ -4,46 +4,12 @@ holding the resolved recipe and throughput; and no secret from the environment i
 from __future__ import annotations
 
 import json
-import struct
-from pathlib import Path
 
 import pytest
-from wandb.proto import wandb_internal_pb2
 
-from tests.conftest import smoke_recipe
-from tests.integration.test_deepspeed_launch import launch
-from tests.integration.test_resume import STEPS, kill_after_first_checkpoint
+from tests.helpers import SECRETS, STEPS, history_of, kill_after_first_checkpoint, launch, records, smoke_recipe
 
 pytestmark = pytest.mark.integration
-
-SECRETS = {"WANDB_API_KEY": "fake-wandb-key-0123456789abcdef", "HF_TOKEN": "hf_fakeTokenValue12345",
-           "MY_SERVICE_TOKEN": "svc-token-value-777", "DB_SECRET": "db-secret-value-888",
-           "S3_ACCESS_KEY": "s3-key-value-999"}
-
-
-def records(wandb_file: Path) -> list:
-    """Records of a `.wandb` file. wandb 0.31 ships no Python reader for it (its reader lives in the Go core), so
-    this undoes only the framing (LevelDB log blocks after a 7-byte header) and lets wandb's own protobuf classes
-    decode every record."""
-    data, block, pos, parts, out = wandb_file.read_bytes(), 32768, 7, [], []
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if length == 0 and kind == 0:  # zero padding to the end of the block
-            pos += left
-            continue
-        parts.append(data[pos + 7:pos + 7 + length])
-        pos += 7 + length
-        if kind in (1, 4):  # a whole record, or the last piece of one
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(parts))
-            out.append(record)
-            parts = []
-    return out
 
 
 def config_of(recs: list) -> dict:
@@ -53,11 +19,6 @@ def config_of(recs: list) -> dict:
         items = r.run.config.update if kind == "run" else r.config.update if kind == "config" else []
         config.update({item.key: json.loads(item.value_json) for item in items})
     return config
-
-
-def history_of(recs: list) -> list[dict]:
-    return [{"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
-            for r in recs if r.WhichOneof("record_type") == "history"]
 
 
 def test_one_wandb_run_across_a_resume_with_config_history_and_no_secrets(tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+HERE = Path(__file__).resolve().parent
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "local_cluster.sh"
 STATE_DIR = Path(os.environ.get("SLURM_LOCAL_STATE_DIR", "/tmp/launcher-slurm"))
@@ -172,3 +173,15 @@ def slurm_cluster():
             rc, out = _script("stop", timeout=120)
             if rc != 0:
                 pytest.fail(f"`{SCRIPT} stop` exited {rc}:\n{out}", pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: `-m "not integration"` must see these markers
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/slurm is in the slurm tier and, as a multi-process run, in the integration tier too, so
+    that `-m "not integration"` never starts the cluster.  (The hook sees the whole session's items: only the ones
+    in this folder are marked.)"""
+    for item in items:
+        if HERE in item.path.resolve().parents:
+            for name in ("slurm", "integration"):
+                if item.get_closest_marker(name) is None:
+                    item.add_marker(name)

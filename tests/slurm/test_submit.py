@@ -10,10 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, smoke_recipe
-from tests.integration.test_failures import FAULT
-from tests.integration.test_resume import complete_steps
-from tests.integration.test_wandb import SECRETS
+from tests.helpers import FAULT, SECRETS, cli, complete_steps, smoke_recipe
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 
@@ -57,10 +54,12 @@ def test_two_node_job_trains_and_consolidates(slurm_cluster, tmp_path):
             assert value.encode() not in path.read_bytes(), f"{name} leaked into {path}"
 
 
-def test_preempted_job_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):
+@pytest.mark.parametrize("resume", [(), ("--resume", "never")], ids=["auto", "never"])
+def test_preempted_job_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path, resume):
+    """--resume never (or a PATH) is for the first start: the requeued job continues its own checkpoint."""
     recipe = smoke_recipe(tmp_path, training={"max_steps": 60, "eval_strategy": "no", "save_steps": 1000})
     run_dir = tmp_path / "run"
-    job, log = submit(recipe)
+    job, log = submit(recipe, *resume)
     slurm_cluster.wait_output(job, "'loss'", timeout=300)  # logged every 10 steps: training is under way
     assert not complete_steps(run_dir)  # and no checkpoint yet (save_steps is beyond max_steps)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli, smoke_recipe
+from tests.helpers import cli, smoke_recipe
 
 pytestmark = [pytest.mark.slurm, pytest.mark.integration]
 

@@ -17,8 +17,7 @@ import pytest
 
 from launcher import modeling, preflight
 from launcher import recipe as recipes
-from tests.conftest import REPO, cli, smoke_recipe
-from tests.unit.test_validation import assert_rejected, fake_checkpoint
+from tests.helpers import REPO, assert_rejected, cli, fake_checkpoint, smoke_recipe
 
 SMOKE_DATA = REPO / "recipes" / "smoke" / "data" / "train.jsonl"
 SMOKE_MODEL = REPO / "recipes" / "smoke" / "model"
@@ -358,8 +357,8 @@ def test_resume_under_a_changed_recipe(recipe_factory, tmp_path, refused):
     recipe = recipe_factory()
     fake_checkpoint(tmp_path / "run", 75)
     (tmp_path / "run" / "recipe.yaml").write_text(recipes.dump(recipes.load(str(recipe))))
-    refused(recipe, str(tmp_path / "run" / "recipe.yaml"), "training.max_steps changed", "run.name",
-            flags=("--training.max_steps=300",))
+    refused(recipe, str(tmp_path / "run" / "recipe.yaml"), "training.lr_scheduler_type changed", "run.name",
+            flags=("--training.lr_scheduler_type=linear",))  # a longer max_steps continues: test_resume_rules
 
 
 def test_resume_from_a_directory_that_is_not_a_checkpoint(recipe_factory, tmp_path, refused):

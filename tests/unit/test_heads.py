@@ -11,15 +11,7 @@ import numpy as np
 import pytest
 
 from launcher import classify
-from tests.conftest import REPO, cli, shipped_recipe
-from tests.unit.test_validation import assert_rejected
-
-SENTIMENT = REPO / "recipes" / "sentiment.yaml"
-BASE = REPO / "recipes" / "sentiment" / "model"
-
-
-def sentiment_recipe(tmp_path: Path, drop: tuple[str, ...] = (), **sections) -> Path:
-    return shipped_recipe(SENTIMENT, tmp_path, drop=drop, **sections)
+from tests.helpers import BASE, REPO, SENTIMENT, assert_rejected, cli, sentiment_recipe
 
 
 def plan_json(recipe: Path, *flags) -> dict:
@@ -83,14 +75,14 @@ def test_bad_classification_recipe(tmp_path, case):
 
 
 def test_freeze_and_lora_together_are_refused(tmp_path):
-    from tests.conftest import smoke_recipe
+    from tests.helpers import smoke_recipe
 
     recipe = smoke_recipe(tmp_path, lora={"r": 8}, freeze={"embeddings": True})
     assert_rejected(cli("plan", recipe), "freeze", "LoRA already freezes")
 
 
 def test_a_head_section_on_an_sft_recipe_is_refused(tmp_path):
-    from tests.conftest import smoke_recipe
+    from tests.helpers import smoke_recipe
 
     recipe = smoke_recipe(tmp_path, head={"labels": ["a", "b"]})
     assert_rejected(cli("plan", recipe), "head", "task is sft")

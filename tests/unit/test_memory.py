@@ -14,7 +14,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from launcher import memory
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # The decoder configs shipped; the encoder of the sentiment recipe has no formula, plan counts it on the meta device.
 SHIPPED = sorted(p for p in set(REPO.glob("recipes/*/model/config.json")) | set(REPO.glob("recipes/**/config.json"))

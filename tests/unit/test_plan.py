@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, cli
+from tests.helpers import REPO, cli
 
 RECIPES = sorted(REPO.glob("recipes/**/*.yaml"))
 DS_CONFIGS = sorted(REPO.glob("ds_configs/**/*.json"))

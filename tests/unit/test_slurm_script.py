@@ -4,66 +4,13 @@ bugs common in this field, shown not to happen."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from launcher import slurm
 from launcher.schema import SlurmSection
-from tests.conftest import cli
+from tests.helpers import cli, run_batch_script, stand_ins
 
-# srun stand-in: runs its command once per node of the allocation, each with its own SLURM_NODEID, like Slurm.
-SRUN = """#!/bin/bash
-nodes=$SLURM_NNODES
-while [[ $1 == -* ]]; do [[ $1 == --nodes=1 ]] && nodes=1; shift; done
-rc=0
-for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i SLURMD_NODENAME=node$i "$@" || rc=$?; done
-exit $rc
-"""
-SCONTROL = """#!/bin/bash
-case "$1 $2" in
-  "show hostnames") printf 'gpu-a\\ngpu-b\\n' ;;
-  requeue*) echo "requeue $2" >> "$CALLS" ;;
-esac
-"""
-# python stand-in for the ranks: records what each node was told to run, and the secret it can see
-PYTHON = """#!/bin/bash
-echo "node=$SLURM_NODEID secret=$WANDB_API_KEY args=$*" >> "$CALLS"
-[[ -n ${STOP:-} && $3 == launch ]] && echo '{"step": 4}' > "$RUN_DIR/stopped.json"
-[[ $3 == launch ]] && exit "${TRAIN_RC:-0}"
-exit 0
-"""
 SECRET = "wandb-secret-value-123"
-
-
-def stand_in(directory: Path, name: str, text: str) -> Path:
-    path = directory / name
-    path.write_text(text)
-    path.chmod(0o755)
-    return path
-
-
-def stand_ins(tmp_path: Path, monkeypatch) -> Path:
-    """srun, scontrol and the job's python as stand-ins that log their calls; their directory."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    stand_in(bin_dir, "srun", SRUN)
-    stand_in(bin_dir, "scontrol", SCONTROL)
-    monkeypatch.setattr(sys, "executable", str(stand_in(bin_dir, "python", PYTHON)))
-    return bin_dir
-
-
-def run_batch_script(script: Path, bin_dir: Path, env: dict) -> tuple[int, str, list[str]]:
-    """Run a job script as Slurm's batch shell would, with the stand-ins first on PATH: (rc, output, calls)."""
-    calls = bin_dir.parent / "calls"
-    calls.unlink(missing_ok=True)
-    environ = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-[a-b]",
-               "SLURM_NNODES": "2", "CALLS": str(calls), **env}
-    done = subprocess.run(["bash", script], capture_output=True, text=True, env=environ, timeout=30)
-    return done.returncode, done.stdout + done.stderr, calls.read_text().splitlines() if calls.exists() else []
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from launcher import memory, tiny
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 CONFIGS = {
     "recipes/smoke.yaml": REPO / "recipes/smoke/model/config.json",

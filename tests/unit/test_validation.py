@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from launcher import recipe as recipes
-from tests.conftest import REPO, cli
-
-
-def assert_rejected(result, *needles: str) -> None:
-    assert result.returncode == 2, result.stderr + result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
+from tests.helpers import REPO, assert_rejected, cli, fake_checkpoint
 
 CASES = {
     "unknown section, did you mean": ({"modle": {"name_or_path": "x"}}, ["modle", "did you mean 'model'"]),
@@ -100,16 +87,6 @@ def test_rejected_launch_starts_nothing_and_writes_nothing(recipe_factory, tmp_p
     path = recipe_factory(training={"learning_rat": 1.0})
     assert_rejected(cli("launch", path, "--nproc_per_node", 2), "learning_rat")
     assert not (tmp_path / "run").exists()
-
-
-def fake_checkpoint(run_dir, step: int, world: int = 2, max_steps: int = 150, complete: bool = True):
-    """A checkpoint directory as the worker leaves it, reduced to what resuming looks at first: its marker."""
-    checkpoint = run_dir / "checkpoints" / f"checkpoint-{step}"
-    checkpoint.mkdir(parents=True)
-    if complete:
-        marker = {"step": step, "max_steps": max_steps, "world_size": world}
-        (checkpoint / "complete.json").write_text(json.dumps(marker))
-    return checkpoint
 
 
 def test_resume_never_refuses_a_run_directory_holding_checkpoints(recipe_factory, tmp_path):

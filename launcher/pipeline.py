@@ -1,0 +1,84 @@
+"""The one gate: every way of starting a run (launch, submit, sweep, the dry run, and each rank of the worker)
+turns a recipe into a checked, planned run here, in one order, settled once:
+
+    plan (schema, rules, DeepSpeed numbers) -> resume point -> same experiment? -> already finished?
+    -> W&B credentials -> data and tokenizer (the launching process only) -> snapshot into the run directory
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher import checkpoints, ds_config, preflight, rundir, tracking
+from launcher import plan as plans
+from launcher import recipe as recipes
+from launcher.errors import RecipeError
+from launcher.plan import Plan
+from launcher.topology import Topology
+
+STOPPED = "stopped.json"  # written when a stop request ended training early: the job script requeues on it
+
+
+@dataclass
+class Run:
+    plan: Plan
+    resume: Path | None  # the checkpoint this start continues from
+    finished: bool  # that checkpoint is the last step: nothing to train
+    changes: list[str] = field(default_factory=list)  # keys changed since the run started, none identifying
+
+    @property
+    def recipe(self):
+        return self.plan.recipe
+
+    @property
+    def run_dir(self) -> Path:
+        return self.plan.run_dir
+
+    def status(self) -> str:
+        """What this start does, in one line."""
+        if self.finished:
+            return f"{self.run_dir}: already trained to the end ({self.resume.name}); nothing to do"
+        start = f"resuming from {self.resume}" if self.resume else "new run"
+        return start + (f"; changed since the run started: {', '.join(self.changes)}" if self.changes else "")
+
+
+def requeued() -> bool:
+    """A Slurm job started again after a requeue (preemption, time limit): it always continues its own run."""
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def prepare(recipe_path: str, overrides: dict[str, Any], topology: Topology | None, check_data: bool = True) -> Run:
+    """The gate. check_data: load and check the data and tokenizer here (the ranks load them anyway)."""
+    plan = plans.make(recipe_path, overrides, topology)
+    recipe = plan.recipe
+    resume = checkpoints.resume_point(plan.run_dir, recipe.run.resume, plan.topology.world, requeued())
+    stage, saved = ds_config.zero_stage(plan.ds_config, ""), resume and checkpoints.marker(resume).get("zero_stage")
+    if saved is not None and saved != stage:
+        raise RecipeError(f"{resume}: saved under ZeRO-{saved}, and deepspeed.config is ZeRO-{stage} now; resume "
+                          f"with a ZeRO-{saved} config (its shards are laid out per stage)")
+    own = resume is not None and resume.parent == checkpoints.directory(plan.run_dir)
+    changes = rundir.changes_since_start(plan.run_dir, recipes.dump(recipe)) if own else []
+    finished = resume is not None and checkpoints.finished(resume, ds_config.training_value(recipe, "max_steps"))
+    run = Run(plan, resume, finished, changes)
+    if finished:
+        return run
+    tracking.check_credentials(recipe, recipe_path)
+    if check_data:
+        preflight.check(recipe, recipe_path)
+    return run
+
+
+def write(run: Run, files: dict[str, str], first_node: bool = True) -> None:
+    """Snapshot what runs into the run directory (every node writes the same files, so its ranks find them); the
+    first node also moves checkpoints cut short by an earlier crash out of the way and records the environment."""
+    run_dir = run.run_dir
+    if first_node:
+        for moved in checkpoints.set_aside(run_dir, checkpoints.incomplete(run_dir)):
+            print(f"skipping incomplete checkpoint (no {checkpoints.MARKER}; moved to {moved})", flush=True)
+        (run_dir / STOPPED).unlink(missing_ok=True)
+    rundir.prepare(run_dir, files)
+    if first_node:
+        rundir.record_environment(run_dir)

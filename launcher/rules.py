@@ -1,0 +1,103 @@
+"""Every rule that spans more than one recipe key, in one place; `plan` (so every command) runs them all.
+
+Rules on one key live on the key, in schema.py. These need the merged DeepSpeed template or the model's config.
+"""
+
+from __future__ import annotations
+
+from launcher import memory, sft_fields
+from launcher.errors import RecipeError
+from launcher.schema import Recipe, fail
+
+# SFT options that mean the same for a classification head: the token budget of one example.
+SHARED_WITH_SFT = {"max_length"}
+
+
+def check(recipe: Recipe, ds: dict, stage: int, model_config: dict | None, where: str, label: str) -> None:
+    """ds: the DeepSpeed template merged with deepspeed.overrides (label names it)."""
+    check_training(recipe, where)
+    check_task(recipe, where)
+    check_deepspeed(recipe, ds, stage, label, where)
+    check_lora_targets(recipe, model_config, where)
+    check_sbatch(recipe, where)
+
+
+def check_training(recipe: Recipe, where: str) -> None:
+    t = recipe.training
+    if t.get("bf16") and t.get("fp16"):
+        fail(where, "training.bf16", "and training.fp16 are both true; pick one")
+    if not recipe.data.train:
+        fail(where, "data.train", "needs at least one dataset")
+    if recipe.lora and recipe.model.init == "random":
+        fail(where, "model.init", "is random, but LoRA adapts a pretrained model: a random base could not be "
+             "merged with the adapter later; use init: pretrained")
+    report_to = t.get("report_to") or []
+    if "wandb" in ([report_to] if isinstance(report_to, str) else report_to):
+        fail(where, "training.report_to", "includes wandb; W&B is set up by the wandb section (one run per job, "
+             "resumed with the job): remove it from report_to")
+    if t.get("eval_strategy", "no") != "no" and not recipe.data.eval and not recipe.data.eval_fraction:
+        fail(where, "training.eval_strategy", "asks for evaluation but there is no data.eval and "
+             "data.eval_fraction is 0")
+
+
+def check_task(recipe: Recipe, where: str) -> None:
+    """What each task needs from the head, freeze and training sections."""
+    head, task = recipe.head, recipe.task
+    if task == "sft":
+        if head.labels or head.class_weights is not None:
+            fail(where, "head", "is for task classification or regression; this recipe's task is sft")
+    else:
+        for key in recipe.training:
+            if key in sft_fields.sft_only() and key not in SHARED_WITH_SFT:
+                fail(where, f"training.{key}", f"is an SFT option; task {task} trains with the HF Trainer, which "
+                     "ignores it: remove it")
+        if recipe.lora:
+            fail(where, "lora", f"is not supported with task {task} yet; fine-tune the head with freeze instead")
+    if task == "classification":
+        if len(head.labels) < 2:
+            fail(where, "head.labels", "must name at least two labels for task classification, in id order: "
+                 "[negative, positive]")
+        if len(set(head.labels)) != len(head.labels):
+            fail(where, "head.labels", f"has a label twice: {head.labels}")
+        weights = head.class_weights
+        if isinstance(weights, list) and (len(weights) != len(head.labels) or min(weights) <= 0):
+            fail(where, "head.class_weights", f"must be {len(head.labels)} positive numbers (one per label in "
+                 "head.labels), or balanced")
+    if task == "regression" and (head.labels or head.class_weights is not None):
+        fail(where, "head", "labels and class_weights are for classification; regression predicts one number")
+    if recipe.freeze and recipe.lora:
+        fail(where, "freeze", "and lora both choose what trains: LoRA already freezes the base model; remove one")
+
+
+def check_deepspeed(recipe: Recipe, ds: dict, stage: int, label: str, where: str) -> None:
+    zero = ds.get("zero_optimization", {})
+    lora = recipe.lora
+    if lora and lora.quantize != "none" and stage == 3:
+        raise RecipeError(f"{where}: lora.quantize {lora.quantize} (QLoRA) cannot run with ZeRO-3 ({label}); "
+                          "use deepspeed.config zero2")
+    if lora and stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise RecipeError(f"{where}: LoRA with ZeRO-3 saves empty adapters unless "
+                          f"zero_optimization.stage3_gather_16bit_weights_on_model_save is true ({label}); set it in "
+                          "deepspeed.overrides")
+    if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
+        raise RecipeError(f"{label}: zero_optimization.offload_param needs stage 3 (stage is {stage})")
+
+
+def check_lora_targets(recipe: Recipe, config: dict | None, where: str) -> None:
+    """Catch LoRA targets that match nothing now, for known architectures; the worker checks the others."""
+    if not recipe.lora or isinstance(recipe.lora.target_modules, str) or config is None:
+        return
+    try:
+        known = memory.lora_targets(config)
+    except memory.UnknownArchitecture:
+        return
+    for target in recipe.lora.target_modules:
+        if target.rsplit(".", 1)[-1] not in known:
+            raise RecipeError(f"{where}: lora.target_modules '{target}' matches no module of this "
+                              f"{config.get('model_type')} model; it has {', '.join(sorted(known))}")
+
+
+def check_sbatch(recipe: Recipe, where: str) -> None:
+    for option in recipe.slurm.sbatch:
+        if "\n" in option or not option.startswith("-"):
+            fail(where, "slurm.sbatch", f"{option!r} is not one sbatch option like --mem=0")
