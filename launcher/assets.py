@@ -1,9 +1,7 @@
-"""The files the package ships, read through importlib.resources so that an installed wheel finds them too: the Slurm
-job template, the DeepSpeed configs a recipe names (`deepspeed: {config: zero3}`) and the dry run's stand-ins.
-
-They live in launcher/shipped/ (package data); in a checkout, ds_configs/, slurm/job.sbatch and recipes/stand-ins/
-are symlinks into it, where users look for them.
-"""
+"""The files the package ships (launcher/shipped/, package data), read through importlib.resources so that an
+installed wheel finds them too: the Slurm job template, the DeepSpeed configs a recipe names (`deepspeed: {config:
+zero3}`) and the dry run's stand-ins. In a checkout, ds_configs/, slurm/job.sbatch and recipes/stand-ins/ are symlinks
+into it, where users look for them."""
 
 from __future__ import annotations
 
@@ -21,36 +19,18 @@ def shipped() -> Path:
     return root
 
 
-def job_template_path() -> Path:
-    return shipped() / "job.sbatch"
-
-
-def job_template() -> str:
-    """The job script template `submit` renders (slurm/job.sbatch in a checkout)."""
-    return job_template_path().read_text()
-
-
 def stand_ins() -> Path:
     """The dry run's offline stand-ins: tokenizers, chat templates, sample data (recipes/stand-ins in a checkout)."""
     return shipped() / "stand-ins"
 
 
-def ds_config_names() -> list[str]:
-    """The shipped DeepSpeed configs, by the names a recipe gives them: zero2, zero3, ..."""
-    return sorted(p.stem for p in (shipped() / "ds_configs").glob("*.json"))
-
-
-def is_name(ref: str) -> bool:
-    """Whether deepspeed.config names a shipped config (zero3) rather than giving a path (ds_configs/zero3.json)."""
-    return "/" not in ref and not ref.endswith(".json")
-
-
 def ds_config(ref: str, where: str = "recipe") -> str:
-    """deepspeed.config as a path: a shipped config's, for its name; a path is returned unchanged. An unknown name
-    is a RecipeError."""
-    if not is_name(ref):
+    """deepspeed.config as a path: a shipped config's for its name (zero3), a path (ds_configs/zero3.json) as it is.
+    An unknown name is a RecipeError."""
+    if "/" in ref or ref.endswith(".json"):
         return ref
-    if ref not in ds_config_names():
-        schema.fail(where, "deepspeed.config", f"'{ref}' is neither a shipped config ({', '.join(ds_config_names())})"
+    names = sorted(p.stem for p in (shipped() / "ds_configs").glob("*.json"))
+    if ref not in names:
+        schema.fail(where, "deepspeed.config", f"'{ref}' is neither a shipped config ({', '.join(names)})"
                     " nor a path to a JSON file")
     return str(shipped() / "ds_configs" / f"{ref}.json")

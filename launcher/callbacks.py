@@ -1,4 +1,5 @@
-"""Trainer callbacks of the worker: checkpoint completion markers and retention, and stopping on request."""
+"""Trainer callbacks of the worker: checkpoint completion markers and retention, and stopping on request.
+The hooks change `control` in place and return None: HF's callback handler then keeps that same object."""
 
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ class CompleteCheckpoints(TrainerCallback):
                                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             for old in checkpoints.retain(self.run_dir, self.keep):
                 print(f"retention: removed {old.name}", flush=True)
-        return control
 
 
 class StopOnRequest(TrainerCallback):
@@ -54,7 +54,6 @@ class StopOnRequest(TrainerCallback):
             self.stopped_at = state.global_step
             if state.is_world_process_zero:
                 print(f"stop requested: saving a checkpoint at step {state.global_step} and stopping", flush=True)
-        return control
 
 
 class Perplexity(TrainerCallback):
@@ -66,4 +65,3 @@ class Perplexity(TrainerCallback):
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))  # capped: a diverged run stays finite
             if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
                 state.log_history[-1]["eval_perplexity"] = logs["eval_perplexity"]
-        return control

@@ -24,14 +24,10 @@ def directory(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.rsplit("-", 1)[-1])
-
-
 def listing(run_dir: Path) -> list[Path]:
     """checkpoint-N directories of a run, oldest first."""
     found = [p for p in directory(run_dir).glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-    return sorted(found, key=step_of)
+    return sorted(found, key=lambda p: int(p.name[11:]))
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -64,23 +60,20 @@ def resume_point(run_dir: Path, resume: str, world: int, requeued: bool = False)
     run.resume (auto | never | PATH) is for the first start: once the run directory holds complete checkpoints of
     its own, a requeued job always continues from the newest, and so does a start with a PATH from elsewhere (PATH
     applied again would throw away the progress since). A PATH inside the run directory rolls back to it."""
-    own = complete(run_dir)
-    if requeued or resume == "auto":
-        checkpoint = own[-1] if own else (Path(resume) if resume not in ("auto", "never") else None)
-    elif resume == "never":
-        if listing(run_dir):
-            raise RecipeError(f"{run_dir}: run directory already holds checkpoints ({listing(run_dir)[-1].name}); "
+    if resume == "never" and not requeued:
+        if found := listing(run_dir):
+            raise RecipeError(f"{run_dir}: run directory already holds checkpoints ({found[-1].name}); "
                               "continue it with --run.resume=auto, or pick another run.name or run.output_dir")
         return None
-    else:
-        checkpoint = Path(resume) if not own or Path(resume).parent == directory(run_dir) else own[-1]
+    own, path = complete(run_dir), None if resume in ("auto", "never") else Path(resume)
+    rollback = path is not None and not requeued and path.parent == directory(run_dir)
+    checkpoint = path if rollback or not own else own[-1]
     if checkpoint is None:
         return None
     if not is_complete(checkpoint):
         raise RecipeError(f"{checkpoint}: run.resume names a directory that is not a complete checkpoint "
                           f"(no {MARKER}); give a checkpoint-N directory written by this launcher")
-    saved_world = marker(checkpoint).get("world_size")
-    if saved_world != world:
+    if (saved_world := marker(checkpoint).get("world_size")) != world:
         raise RecipeError(f"{checkpoint}: saved by {saved_world} ranks, this run has {world}; ZeRO optimizer state "
                           f"is sharded per rank, so resume with {saved_world} ranks (changing the world size needs "
                           "DeepSpeed's universal checkpoints, python -m deepspeed.checkpoint.ds_to_universal, which "
@@ -90,12 +83,10 @@ def resume_point(run_dir: Path, resume: str, world: int, requeued: bool = False)
 
 def set_aside(run_dir: Path, checkpoints: list[Path]) -> list[Path]:
     """Move incomplete checkpoints out of the way (to <run>/incomplete/), keeping them for inspection."""
-    moved = []
-    for checkpoint in checkpoints:
-        target = run_dir / "incomplete" / f"{checkpoint.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    moved = [run_dir / "incomplete" / f"{c.name}-{time.strftime('%Y%m%d-%H%M%S')}" for c in checkpoints]
+    for checkpoint, target in zip(checkpoints, moved, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(checkpoint, target)
-        moved.append(target)
     return moved
 
 
@@ -116,10 +107,7 @@ def mark_complete(checkpoint: Path, info: dict) -> None:
 
 def retain(run_dir: Path, limit: int | None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond max(limit, 2); incomplete ones are not counted or touched."""
-    if limit is None:
-        return []
-    done = complete(run_dir)
-    doomed = done[: max(0, len(done) - max(limit, MIN_KEPT))]
+    doomed = [] if limit is None else complete(run_dir)[: -max(limit, MIN_KEPT)]
     for checkpoint in doomed:
         shutil.rmtree(checkpoint)
     return doomed

@@ -16,25 +16,18 @@ def target(value, task: str, labels: list[str]) -> float | int:
 
 
 def encode(ds, tokenizer, recipe, max_length: int):
-    """text + label rows -> input ids, attention mask (and token types) and integer (or float) labels."""
-
-    def batch(rows):
-        out = tokenizer(rows["text"], truncation=True, max_length=max_length)
-        out["labels"] = [target(v, recipe.task, recipe.head.labels) for v in rows["label"]]
-        return out
-
-    return ds.map(batch, batched=True, remove_columns=ds.column_names, desc="tokenizing")
+    return ds.map(lambda rows: {**tokenizer(rows["text"], truncation=True, max_length=max_length),
+                                "labels": [target(v, recipe.task, recipe.head.labels) for v in rows["label"]]},
+                  batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
 
 def class_weights(recipe, train_set) -> list[float] | None:
     """The recipe's weights, or balanced ones: n / (classes x rows of the class), as scikit-learn defines them."""
-    weights = recipe.head.class_weights
-    if weights != "balanced":
-        return weights
+    if recipe.head.class_weights != "balanced":
+        return recipe.head.class_weights
     labels = recipe.head.labels
     seen = Counter(label_id(v, labels) for v in train_set["label"])
-    total = sum(seen.values())
-    return [total / (len(labels) * seen[i]) if seen[i] else 0.0 for i in range(len(labels))]
+    return [seen.total() / (len(labels) * seen[i]) if seen[i] else 0.0 for i in range(len(labels))]
 
 
 def head_loss(task: str, weights: list[float] | None):
@@ -54,34 +47,24 @@ def head_loss(task: str, weights: list[float] | None):
         else:
             w = None if weights is None else torch.tensor(weights, dtype=logits.dtype, device=logits.device)
             total = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), weight=w, reduction="sum")
-        count = num_items_in_batch if num_items_in_batch is not None else labels.numel()
-        return total / count
+        return total / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
 
     return loss
 
 
-def metrics_for(task: str):
-    return regression_metrics if task == "regression" else classification_metrics
-
-
 def classification_metrics(eval_pred) -> dict[str, float]:
     """Accuracy and macro-averaged precision, recall and F1 (a class never predicted has precision 0)."""
-    logits, labels = eval_pred[0], np.asarray(eval_pred[1])
-    predicted = np.asarray(logits).argmax(-1)
-    return scores(predicted, labels, np.asarray(logits).shape[-1])
+    logits = np.asarray(eval_pred[0])
+    return scores(logits.argmax(-1), np.asarray(eval_pred[1]), logits.shape[-1])
 
 
 def scores(predicted: np.ndarray, labels: np.ndarray, classes: int) -> dict[str, float]:
-    precision, recall, f1 = [], [], []
-    for c in range(classes):
-        tp = int(np.sum((predicted == c) & (labels == c)))
-        p = tp / max(int(np.sum(predicted == c)), 1)
-        r = tp / max(int(np.sum(labels == c)), 1)
-        precision.append(p)
-        recall.append(r)
-        f1.append(2 * p * r / (p + r) if p + r else 0.0)
-    return {"accuracy": float(np.mean(predicted == labels)), "precision": float(np.mean(precision)),
-            "recall": float(np.mean(recall)), "f1": float(np.mean(f1))}
+    c = np.arange(classes)[:, None]  # one row per class
+    tp = ((predicted == c) & (labels == c)).sum(1)
+    p, r = tp / np.maximum((predicted == c).sum(1), 1), tp / np.maximum((labels == c).sum(1), 1)
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros(classes), where=p + r > 0)
+    return {"accuracy": float(np.mean(predicted == labels)), "precision": float(np.mean(p)),
+            "recall": float(np.mean(r)), "f1": float(np.mean(f1))}
 
 
 def regression_metrics(eval_pred) -> dict[str, float]:
@@ -90,7 +73,6 @@ def regression_metrics(eval_pred) -> dict[str, float]:
 
 
 def make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks, max_length: int):
-    """The HF Trainer for the head: tokenized rows padded per batch, the task's metrics, class weights if any."""
     from transformers import DataCollatorWithPadding, Trainer
 
     if model.config.pad_token_id is None:  # decoder models have no pad token; batching needs one
@@ -99,6 +81,7 @@ def make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks,
     with args.main_process_first(desc="tokenizing"):  # rank 0 fills the datasets cache, the others read it
         train = encode(train_set, tokenizer, recipe, max_length)
         evaluation = encode(eval_set, tokenizer, recipe, max_length) if eval_set is not None else None
+    metrics = regression_metrics if recipe.task == "regression" else classification_metrics
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-                   data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_for(recipe.task),
+                   data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics,
                    compute_loss_func=head_loss(recipe.task, weights), callbacks=callbacks)

@@ -17,8 +17,10 @@ from launcher.errors import RecipeError
 
 HELP = ("--help", "-h")
 INTRO = "One YAML recipe becomes a DeepSpeed ZeRO run of TRL's SFTTrainer."
-OVERRIDES = ("Recipe keys are overridden as --section.key=value (--training.learning_rate=1e-5, "
-             "--data.train.0.path=rows.jsonl); `launcher keys [SECTION]` lists them.")
+OVERRIDES = textwrap.fill("Recipe keys are overridden as --section.key=value (--training.learning_rate=1e-5, "
+                          "--data.train.0.path=rows.jsonl); `launcher keys [SECTION]` lists them.", 118,
+                          break_on_hyphens=False, break_long_words=False)
+_default = lambda value: "= " + json.dumps(value, default=str)  # as written in YAML: = null, = true, = "auto", = []
 
 
 def requested(argv: list[str], commands: dict) -> str | None:
@@ -28,7 +30,6 @@ def requested(argv: list[str], commands: dict) -> str | None:
         return overview(commands)
     if args[0] in commands and any(arg in HELP for arg in args[1:]):
         return command_help(args[0], commands[args[0]])
-    return None
 
 
 def overview(commands: dict) -> str:
@@ -36,25 +37,23 @@ def overview(commands: dict) -> str:
     lines = [textwrap.fill(_first_sentence(inspect.getdoc(fn) or ""), 118, initial_indent=f"  {name:<{width - 2}}",
                            subsequent_indent=" " * width, break_on_hyphens=False) for name, fn in commands.items()]
     return (f"usage: launcher COMMAND [ARGS] [--flag=value ...]\n\n{INTRO}\n\ncommands:\n" + "\n".join(lines)
-            + f"\n\n`launcher COMMAND --help` shows a command's flags.\n{_wrap(OVERRIDES)}")
+            + f"\n\n`launcher COMMAND --help` shows a command's flags.\n{OVERRIDES}")
 
 
 def command_help(name: str, fn) -> str:
-    params = inspect.signature(fn).parameters.values()
-    positional = [p for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD]
-    flags = [p for p in params if p.default is not p.empty]
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
     takes_recipe = any(p.name == "recipe" for p in params)
-    usage = " ".join([f"launcher {name}", *(p.name.upper() for p in positional), "[--flag=value ...]",
-                      *(["[--section.key=value ...]"] if takes_recipe else [])])
-    rows = [(p.name.upper(), _annotation(p)) for p in positional]
-    rows += [(f"--{p.name}={p.default}", _annotation(p)) for p in flags]
+    usage = " ".join([f"launcher {name}", *(p.name.upper() for p in params if p.default is p.empty),
+                      "[--flag=value ...]", *(["[--section.key=value ...]"] if takes_recipe else [])])
+    # positional arguments first, then the flags: python's order; cli.py's annotations are strings
+    rows = [(p.name.upper() if p.default is p.empty else f"--{p.name}={p.default}",
+             "" if p.annotation is p.empty else str(p.annotation)) for p in params]
     width = max((len(left) for left, _ in rows), default=0) + 2
     text = f"usage: {usage}\n\n{inspect.getdoc(fn) or ''}\n\n" + "\n".join(f"  {a:<{width}}{b}" for a, b in rows)
-    return text + (f"\n\n{_wrap(OVERRIDES)}" if takes_recipe else "")
+    return text + (f"\n\n{OVERRIDES}" if takes_recipe else "")
 
 
 def keys(section: str | None = None) -> str:
-    """One line per recipe key (of SECTION only, if given): dotted name, type, default, doc."""
     sections = [f.name for f in dataclasses.fields(schema.Recipe)]
     if section is not None and str(section) not in sections:
         raise RecipeError(f"command line: no recipe section {section!r}; sections: {', '.join(sections)}")
@@ -68,38 +67,21 @@ def _rows(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, str, str, s
     for f in dataclasses.fields(cls):
         name = prefix + f.name
         yield name, _schema_type(str(f.type)), _schema_default(f), f.metadata.get("doc", "")
-        if name == "training":
-            yield from _training_rows()
+        if name == "training":  # SFTConfig's fields, less those the launcher sets itself (a recipe may not set them)
+            for key, arg in sorted(sft_fields.fields().items()):
+                if key not in schema.LAUNCHER_OWNED:
+                    default = "(computed)" if arg.default is sft_fields.NO_DEFAULT else _default(arg.default)
+                    yield f"training.{key}", _kinds(arg.kinds), default, _first_sentence(arg.help)
         inner, index = _nested(hints[f.name])
         if inner is not None:
             yield from _rows(inner, f"{name}{index}.")
 
 
-def _training_rows() -> typing.Iterator[tuple[str, str, str, str]]:
-    """SFTConfig's fields, less those the launcher sets itself (a recipe setting them is refused)."""
-    for name, field in sorted(sft_fields.fields().items()):
-        if name not in schema.LAUNCHER_OWNED:
-            default = "(computed)" if field.default is sft_fields.NO_DEFAULT else "= " + _value(field.default)
-            yield f"training.{name}", _kinds(field.kinds), default, _first_sentence(field.help)
-
-
-def _annotation(p: inspect.Parameter) -> str:
-    if p.annotation is p.empty:
-        return ""
-    return p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", str(p.annotation))
-
-
 def _nested(tp: typing.Any) -> tuple[type | None, str]:
     """The dataclass inside a field's type (a section, optional or not, or a list of them) and its index part."""
-    if dataclasses.is_dataclass(tp):
-        return tp, ""
     if typing.get_origin(tp) is list:
-        inner, _ = _nested(typing.get_args(tp)[0])
-        return inner, ".<i>"
-    for member in typing.get_args(tp):
-        if dataclasses.is_dataclass(member):
-            return member, ""
-    return None, ""
+        return _nested(typing.get_args(tp)[0])[0], ".<i>"
+    return next((t for t in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(t)), None), ""
 
 
 def _schema_type(source: str) -> str:
@@ -111,25 +93,15 @@ def _schema_type(source: str) -> str:
 def _schema_default(f: dataclasses.Field) -> str:
     if f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
-        return "" if dataclasses.is_dataclass(value) else "= " + _value(value)
-    return "(required)" if f.default is dataclasses.MISSING else "= " + _value(f.default)
+        return "" if dataclasses.is_dataclass(value) else _default(value)
+    return "(required)" if f.default is dataclasses.MISSING else _default(f.default)
 
 
 def _kinds(kinds: frozenset[str]) -> str:
-    shown = [k for k in ("bool", "int", "float", "str", "list", "dict", "none") if k in kinds]
-    if "float" in shown:  # sft_fields adds int to every float: YAML's 1 is a fine learning rate
-        shown.remove("int")
-    return " | ".join("None" if k == "none" else k for k in shown)
-
-
-def _value(value: typing.Any) -> str:
-    """As written in YAML (null, true, "auto", [])."""
-    return json.dumps(value, default=str)
+    # float alone, not int | float: sft_fields adds int to every float (YAML's 1 is a fine learning rate)
+    return " | ".join(k for k in ("bool", "int", "float", "str", "list", "dict", "None")
+                      if k.lower() in kinds and not (k == "int" and "float" in kinds))
 
 
 def _first_sentence(text: str) -> str:
     return re.split(r"(?<=[.!?])\s+(?=[A-Z`-])", " ".join(text.split()), maxsplit=1)[0]
-
-
-def _wrap(text: str) -> str:
-    return textwrap.fill(text, 118, break_on_hyphens=False, break_long_words=False)

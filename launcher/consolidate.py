@@ -9,6 +9,7 @@ renamed into place at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,12 +19,15 @@ from pathlib import Path
 
 from launcher import checkpoints, memory, model_card
 from launcher.errors import RecipeError
-from launcher.modeling import is_classifier
+from launcher.modeling import auto_class_for, is_classifier, stop_at_end_of_turn
 from launcher.safetensors_stream import write_model
-from launcher.zero_checkpoint import ZeroCheckpoint, find_step_dir
+from launcher.zero_checkpoint import ZeroCheckpoint
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shard_size: str = "5GB",
@@ -36,17 +40,13 @@ def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shar
     shard_bytes = parse_size(max_shard_size)
     config_dir = base_reference(source, base_model)
     torch_dtype = output_dtype(dtype, read_config(config_dir, source))
-    zero = ZeroCheckpoint(find_step_dir(source))
+    zero = ZeroCheckpoint(source)
     lora = (source / "adapter_config.json").is_file()
     progress(f"consolidating {source} (ZeRO-{zero.stage}, {zero.world} ranks, {len(zero.entries)} tensors"
              f"{', LoRA' if lora else ''}) -> {out} [{torch_dtype}]")
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
-        if lora:
-            _merge_lora(zero, source, config_dir, tmp, torch_dtype, shard_bytes)
-            _write_metadata(source, config_dir, tmp, torch_dtype, progress)
-        else:
-            _stream_full(zero, source, config_dir, tmp, torch_dtype, shard_bytes, progress)
+        (_merge_lora if lora else _stream_full)(zero, source, config_dir, tmp, torch_dtype, shard_bytes, progress)
         model_card.write(tmp, source, zero.global_steps)
         if out.exists():
             shutil.rmtree(out)
@@ -63,21 +63,11 @@ def _stream_full(zero: ZeroCheckpoint, source: Path, config_dir: str, tmp: Path,
     writes the metadata: that work takes seconds and the streaming is mostly I/O. A failed check stops the
     streaming at the next tensor, and the temporary directory is removed, so nothing appears at OUTPUT."""
     with ThreadPoolExecutor(1) as pool:
-        side = pool.submit(_model_side, zero, source, config_dir, tmp, dtype, progress)
-
-        def after_each() -> None:
-            zero.maybe_release()
-            if side.done():
-                side.result()  # re-raises the check's error here
-
-        write_model([(e.name, e.shape, lambda e=e: zero.chunks(e)) for e in _unique(zero)], tmp, dtype, shard_bytes,
-                    progress, after_each)
+        side = pool.submit(lambda: (_check_names(zero, config_dir, source),
+                                    _write_metadata(source, config_dir, tmp, dtype, progress)))
+        write_model([(e.name, e.shape, lambda e=e: zero.chunks(e)) for e in zero.unique], tmp, dtype, shard_bytes,
+                    progress, lambda: side.done() and side.result())  # re-raises the check's error here
         side.result()
-
-
-def _model_side(zero: ZeroCheckpoint, source: Path, config_dir: str, tmp: Path, dtype: str, progress) -> None:
-    _check_names(zero, config_dir, source)
-    _write_metadata(source, config_dir, tmp, dtype, progress)
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -87,11 +77,9 @@ def resolve_checkpoint(path: Path) -> Path:
     if (path / "latest").is_file():
         return path
     for run_dir in (path, path.parent):  # a run directory, or its checkpoints/ directory
-        done = checkpoints.complete(run_dir)
-        if done:
+        if done := checkpoints.complete(run_dir):
             return done[-1]
-        partial = ", ".join(c.name for c in checkpoints.listing(run_dir))
-        if partial:
+        if partial := ", ".join(c.name for c in checkpoints.listing(run_dir)):
             raise RecipeError(f"{path}: no complete checkpoint ({partial} lack the {checkpoints.MARKER} marker "
                               "that is written once every rank has saved)")
     raise RecipeError(f"{path}: holds no DeepSpeed checkpoint (no 'latest' file, no checkpoints/checkpoint-N)")
@@ -140,19 +128,13 @@ def output_dtype(dtype: str | None, config: dict) -> str:
     return DTYPES[dtype]
 
 
-def _unique(zero: ZeroCheckpoint):
-    """Entries minus aliases of tied weights: transformers re-ties them when it loads the model."""
-    return [e for e in zero.entries if e.name not in zero.shared]
-
-
 def _check_names(zero: ZeroCheckpoint, config_dir: str, source: Path) -> None:
     """Every tensor the model expects is there with its shape, and nothing else."""
     expected = expected_shapes(config_dir, source)
-    saved = {e.name: e.shape for e in _unique(zero)}
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
-    wrong = sorted(n for n in set(saved) & set(expected) if tuple(saved[n]) != tuple(expected[n]))
-    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+    saved = {e.name: e.shape for e in zero.unique}
+    wrong = sorted(n for n in saved.keys() & expected.keys() if tuple(saved[n]) != tuple(expected[n]))
+    for label, names in (("missing", sorted(expected.keys() - saved.keys())),
+                         ("unexpected", sorted(saved.keys() - expected.keys())), ("wrong shape", wrong)):
         if names:
             raise RecipeError(f"{source}: {len(names)} tensors {label} for this model's config.json, e.g. "
                               f"{', '.join(names[:3])}; is --base_model the model that was trained?")
@@ -163,18 +145,10 @@ def expected_shapes(config_dir: str, source: Path) -> dict[str, tuple[int, ...]]
     import, which costs seconds), else from the model built on the meta device."""
     config = read_config(config_dir, source)
     if (config.get("architectures") or ["ForCausalLM"])[0].endswith("ForCausalLM"):
-        try:
+        with contextlib.suppress(memory.UnknownArchitecture):
             return memory.named_shapes(config)
-        except memory.UnknownArchitecture:
-            pass
-    return meta_shapes(config_dir)
-
-
-def meta_shapes(config_dir: str) -> dict[str, tuple[int, ...]]:
     import torch
     from transformers import AutoConfig
-
-    from launcher.modeling import auto_class_for
 
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
@@ -183,15 +157,14 @@ def meta_shapes(config_dir: str) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters() if n not in tied}
 
 
-def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dtype: str, shard_bytes: int):
-    """Base weights + the adapter from the shards -> peft merges them; the adapter is kept in out/adapter.
-
-    The HF trainer leaves frozen base weights out of LoRA checkpoints, so the base is loaded from base_ref."""
+def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dtype: str, shard_bytes: int,
+                progress) -> None:
+    """The HF trainer leaves frozen base weights out of LoRA checkpoints: the base is loaded from base_ref."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    trained = {e.name: zero.tensor(e) for e in _unique(zero)}
+    trained = {e.name: torch.cat(zero.chunks(e)).view(e.shape) for e in zero.unique}
     zero.release()
     empty = [n for n, t in trained.items() if "lora_" in n and (t.numel() == 0 or not torch.isfinite(t).all())]
     if empty or not any("lora_" in n for n in trained):
@@ -202,88 +175,62 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
         raise RecipeError(f"{source}: cannot load the LoRA base model {base_ref} ({str(err).splitlines()[0]}); "
                           "pass --base_model") from None
     model = get_peft_model(base, LoraConfig.from_pretrained(str(source)))
-    expected = {n for n in model.state_dict() if "lora_" in n or "modules_to_save" in n}
-    result = model.load_state_dict(trained, strict=False)
-    if result.unexpected_keys or expected - set(trained):
+    missing = sorted(n for n in model.state_dict() if ("lora_" in n or "modules_to_save" in n) and n not in trained)
+    unexpected = model.load_state_dict(trained, strict=False).unexpected_keys
+    if unexpected or missing:
         raise RecipeError(f"{source}: the shards do not match this base with this adapter (unexpected "
-                          f"{result.unexpected_keys[:3]}, missing {sorted(expected - set(trained))[:3]})")
+                          f"{unexpected[:3]}, missing {missing[:3]})")
     model.save_pretrained(out / "adapter", safe_serialization=True)
     merged = model.merge_and_unload()
     tied = set(getattr(merged, "all_tied_weights_keys", {}) or {})
-    weights = [(n, tuple(p.shape), lambda p=p: [p.detach().reshape(-1)]) for n, p in merged.state_dict().items()
-               if n not in tied]
-    write_model(weights, out, dtype, shard_bytes, progress=lambda _: None)
+    write_model([(n, tuple(p.shape), lambda p=p: [p.detach().reshape(-1)]) for n, p in merged.state_dict().items()
+                 if n not in tied], out, dtype, shard_bytes, progress=lambda _: None)
+    _write_metadata(source, base_ref, out, dtype, progress)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt",
-                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
-
-
-def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progress=print) -> None:
-    """config.json with the dtype written, generation_config.json whose EOS is the chat's end of turn, tokenizer.
-
-    A checkpoint the launcher's worker wrote carries its tokenizer and a generation config that already stops at
-    the end of turn: they are copied as they are, and config.json is edited as JSON, so consolidating a full
-    fine-tune never imports transformers (seconds). Other checkpoints get them rebuilt with transformers."""
+def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progress) -> None:
+    """config.json with the dtype written, the tokenizer, and a generation config whose EOS is the chat's end of turn.
+    A checkpoint the launcher's worker wrote has a tokenizer and a generation config that already stops there: they
+    are copied, so consolidating a full fine-tune never imports transformers (seconds). Others are rebuilt."""
     config = read_config(config_dir, source)
     config["dtype"] = dtype
     config.pop("torch_dtype", None)  # the older name of the same key
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    generates = not is_classifier(config)
-    copied = [f for f in TOKENIZER_FILES if (source / f).is_file()]
-    if "tokenizer_config.json" in copied and checkpoints.is_complete(source):
-        for name in copied + (["generation_config.json"] if generates else []):
-            if (source / name).is_file():
-                shutil.copyfile(source / name, out / name)
-        if generates and not (out / "generation_config.json").is_file():
-            _write_generation_config(config, out)
-        return
-    tokenizer = _tokenizer(source, config_dir)
-    if tokenizer is None:
-        progress("  no tokenizer beside the checkpoint or in the base model: the model is written without one")
-    else:
+    files = [f for f in TOKENIZER_FILES if (source / f).is_file()]
+    reuse = "tokenizer_config.json" in files and checkpoints.is_complete(source)
+    for name in files if reuse else ():
+        shutil.copyfile(source / name, out / name)
+    tokenizer = None if reuse else _tokenizer(source, config_dir)
+    if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    if not generates:
+    elif not reuse:
+        progress("  no tokenizer beside the checkpoint or in the base model: the model is written without one")
+    if is_classifier(config):
         return  # a classifier generates nothing: no generation config
+    from_config = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+                   if config.get(k) is not None}  # what a generation config takes from the model's config
     if tokenizer is None:
-        local = Path(config_dir) / "generation_config.json"
-        if local.is_file():
-            shutil.copyfile(local, out / "generation_config.json")
+        shipped = Path(source if reuse else config_dir) / "generation_config.json"
+        if shipped.is_file():
+            shutil.copyfile(shipped, out / shipped.name)
         else:
-            _write_generation_config(config, out)
+            (out / shipped.name).write_text(json.dumps(from_config, indent=2) + "\n")
         return
     from transformers import GenerationConfig
-
-    from launcher.modeling import stop_at_end_of_turn
 
     try:
         generation = GenerationConfig.from_pretrained(config_dir)
     except OSError:
-        generation = GenerationConfig.from_dict(_generation_from_config(config))
+        generation = GenerationConfig.from_dict(from_config)
     stop_at_end_of_turn(generation, tokenizer)
     generation.save_pretrained(out)
 
 
-def _generation_from_config(config: dict) -> dict:
-    """The token ids a generation config takes from the model's config when the model ships none."""
-    return {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-            if config.get(k) is not None}
-
-
-def _write_generation_config(config: dict, out: Path) -> None:
-    (out / "generation_config.json").write_text(json.dumps(_generation_from_config(config), indent=2) + "\n")
-
-
 def _tokenizer(source: Path, base: str):
-    refs = [ref for ref in (source, base) if not Path(ref).is_dir() or (Path(ref) / "tokenizer_config.json").is_file()]
-    if not refs:
-        return None
-    from transformers import AutoTokenizer
+    for ref in (source, base):
+        if not Path(ref).is_dir() or (Path(ref) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
 
-    for ref in refs:
-        try:
-            return AutoTokenizer.from_pretrained(ref)
-        except (OSError, ValueError):
-            continue
+            with contextlib.suppress(OSError, ValueError):
+                return AutoTokenizer.from_pretrained(ref)
     return None

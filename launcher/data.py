@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -17,10 +16,8 @@ ROLES = {"system", "user", "assistant", "tool"}
 
 
 def load(recipe: Recipe, where: str, seed: int, local_only: bool = False, loaded: list | None = None):
-    """(train, eval or None) as `datasets.Dataset`s in one TRL format.
-
-    local_only: leave out hub datasets (they cannot be checked offline); a section left empty comes back as None.
-    loaded: a list to append (key, path, dataset) to for each dataset read, before weighting and mixing."""
+    """(train, eval or None) as `datasets.Dataset`s in one TRL format. local_only: leave out hub datasets (they
+    cannot be checked offline); an emptied section is None. loaded: gets (key, path, dataset) for each one read."""
     def section(name: str):
         items = []
         for i, spec in enumerate(getattr(recipe.data, name)):
@@ -48,59 +45,54 @@ def is_local(spec: DatasetSpec) -> bool:
 
 
 def is_conversational(ds) -> bool:
-    """Chat data, which TRL renders with the tokenizer's chat template: `messages`, or prompt/completion turns.
-    Decided on the first row, as TRL does."""
-    if "messages" in ds.column_names:
-        return True
-    return len(ds) > 0 and "prompt" in ds.column_names and isinstance(ds[0]["prompt"], list)
+    """`messages`, or prompt/completion turns (decided on the first row, as TRL does): rendered by the chat template."""
+    return "messages" in ds.column_names or (len(ds) > 0 and "prompt" in ds.column_names
+                                             and isinstance(ds[0]["prompt"], list))
 
 
 def load_one(spec: DatasetSpec, where: str, key: str, task: str = "sft", labels: list[str] = ()):
     """One dataset, renamed and checked row by row: TRL's columns for SFT, text + label for the other tasks."""
     import datasets
+    from datasets.utils import logging
 
     local = Path(spec.path)
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.CRITICAL)  # its own log lines would come before ours; ours says more
     try:
-        with _datasets_quiet():  # its own log lines would come before ours; ours says more
-            if local.is_file():
-                ds = datasets.load_dataset(DATA_SUFFIXES[local.suffix], data_files=str(local), split="train")
-            else:
-                ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
+        if local.is_file():
+            ds = datasets.load_dataset(DATA_SUFFIXES[local.suffix], data_files=str(local), split="train")
+        else:
+            ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split)
     except Exception as err:  # datasets raises many types; the user needs the file, the line and the why
-        problem = file_problem(local) if local.is_file() else None
-        if problem:
+        if problem := file_problem(local):
             raise RecipeError(f"{spec.path}: {problem} ({key} in {where})") from None
         hint = f"; check that it is a valid {local.suffix} file" if local.is_file() else ""
-        raise RecipeError(f"{where}: {key} '{spec.path}' could not be read: {_reason(err)}{hint}") from None
-    ds = _rename(ds, spec, where, key)
-    if task == "sft":
-        fmt = detect_format(ds.column_names, where, key, spec.path)
-        ds = ds.select_columns(list(FORMATS[fmt]))
-    else:
+        raise RecipeError(f"{where}: {key} '{spec.path}' could not be read: {reason(err)}{hint}") from None
+    finally:
+        logging.set_verbosity(level)
+    for target, source in spec.columns.items():
+        if source not in ds.column_names:
+            raise RecipeError(f"{where}: {key}.columns maps '{target}' to '{source}', but {spec.path} has only "
+                              f"columns {ds.column_names}")
+        if source != target:
+            ds = ds.remove_columns(target) if target in ds.column_names else ds
+            ds = ds.rename_column(source, target)
+    if task != "sft":
+        fmt = task
         if any(c not in ds.column_names for c in LABELLED):
             raise RecipeError(f"{spec.path}: task {task} needs columns 'text' and 'label', it has "
                               f"{ds.column_names}; map yours with {key}.columns in {where}")
-        fmt = task
-        ds = ds.select_columns(list(LABELLED))
+    elif not (fmt := next((f for f, cols in FORMATS.items() if all(c in ds.column_names for c in cols)), None)):
+        raise RecipeError(f"{spec.path}: columns {ds.column_names} match no format (messages, prompt+completion or "
+                          f"text); map yours with {key}.columns in {where}")
+    ds = ds.select_columns(list(FORMATS.get(fmt, LABELLED)))
     if len(ds) == 0:
         raise RecipeError(f"{spec.path}: no rows ({key} in {where}); give a file with at least one row")
     check_rows(ds, fmt, spec.path, labels)
     return ds
 
 
-@contextlib.contextmanager
-def _datasets_quiet():
-    from datasets.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-
-
-def _reason(err: Exception) -> str:
+def reason(err: Exception) -> str:
     """The first line of the error that says why: datasets wraps the reader's error in a generic one."""
     while type(err).__name__ == "DatasetGenerationError" and err.__cause__ is not None:
         err = err.__cause__
@@ -109,15 +101,16 @@ def _reason(err: Exception) -> str:
 
 
 def file_problem(path: Path) -> str | None:
-    """Why a local data file could not be read, by line: bytes that are not UTF-8, a JSON Lines line that is not a
-    JSON object, no rows at all. Read line by line, only after the load failed (the file may be large)."""
-    if path.stat().st_size == 0:
+    """Why a local data file (None if not one) could not be read, by line: bytes that are not UTF-8, a JSON Lines line
+    that is not a JSON object, no rows at all. Read line by line, only after the load failed (the file may be large)."""
+    if path.is_file() and path.stat().st_size == 0:
         return "the file is empty; give a file with at least one row"
-    if path.suffix not in (".json", ".jsonl", ".csv"):
+    if not path.is_file() or path.suffix not in (".json", ".jsonl", ".csv"):
         return None
-    document = path.suffix == ".json" and _starts_with(path, b"[")  # a JSON array rather than JSON Lines
     offset, rows = 0, 0
     with path.open("rb") as f:
+        document = path.suffix == ".json" and f.read(4096).lstrip().startswith(b"[")  # a JSON array, not JSON Lines
+        f.seek(0)
         for number, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
@@ -125,10 +118,8 @@ def file_problem(path: Path) -> str | None:
                 return (f"line {number} (byte {offset + err.start}): not UTF-8 text; re-encode the file as UTF-8 "
                         "(e.g. iconv -f latin1 -t utf-8)")
             offset += len(raw)
-            if not line.strip():
-                continue
-            rows += 1
-            if path.suffix == ".csv" or document:
+            rows += bool(line.strip())
+            if not line.strip() or path.suffix == ".csv" or document:
                 continue
             try:
                 value = json.loads(line)
@@ -147,62 +138,31 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
-def _starts_with(path: Path, prefix: bytes) -> bool:
-    with path.open("rb") as f:
-        return f.read(4096).lstrip().startswith(prefix)
-
-
-def _rename(ds, spec: DatasetSpec, where: str, key: str):
-    for target, source in spec.columns.items():
-        if source not in ds.column_names:
-            raise RecipeError(f"{where}: {key}.columns maps '{target}' to '{source}', but {spec.path} has only "
-                              f"columns {ds.column_names}")
-        if source != target:
-            if target in ds.column_names:
-                ds = ds.remove_columns(target)
-            ds = ds.rename_column(source, target)
-    return ds
-
-
-def detect_format(columns: list[str], where: str, key: str, path: str) -> str:
-    for fmt, needed in FORMATS.items():
-        if all(c in columns for c in needed):
-            return fmt
-    raise RecipeError(f"{path}: columns {columns} match no format (messages, prompt+completion or text); "
-                      f"map yours with {key}.columns in {where}")
-
-
 def check_rows(ds, fmt: str, path: str, labels: list[str] = ()) -> None:
     """Fail on the first malformed row, by its 1-based row number, before any rank trains on it."""
     number = 0
     try:
         for number, row in enumerate(ds, 1):
-            problem = _row_problem(row, fmt, labels)
-            if problem:
+            if problem := _row_problem(row, fmt, labels):
                 raise RecipeError(f"{path}: row {number}: {problem}; fix or remove that row")
     except UnicodeDecodeError:  # pyarrow's JSON reader lets bytes that are not UTF-8 through, into the strings
-        local = Path(path)
-        problem = file_problem(local) if local.is_file() else None
-        raise RecipeError(f"{path}: {problem or f'row {number + 1}: not UTF-8 text; re-encode the file as UTF-8'}"
-                          ) from None
+        problem = file_problem(Path(path)) or f"row {number + 1}: not UTF-8 text; re-encode the file as UTF-8"
+        raise RecipeError(f"{path}: {problem}") from None
 
 
 def _row_problem(row: dict, fmt: str, labels: list[str]) -> str | None:
     for column, value in row.items():
         if value is None:  # a key missing from this row (JSON Lines) or an empty cell (CSV)
             return f"has no '{column}'"
-    if fmt in ("classification", "regression"):
+    if fmt not in ("messages", "prompt_completion"):  # text, classification, regression
         if not isinstance(row["text"], str) or not row["text"]:
             return "'text' is empty or not a string"
-        return label_problem(row["label"], fmt, labels)
-    if fmt == "text":
-        return None if isinstance(row["text"], str) and row["text"] else "'text' is empty or not a string"
+        return None if fmt == "text" else label_problem(row["label"], fmt, labels)
     if fmt == "prompt_completion":
         for column in ("prompt", "completion"):
             value = row[column]
             if isinstance(value, list):  # conversational prompt/completion: lists of turns
-                problem = _turns_problem(value, column)
-                if problem:
+                if problem := _turns_problem(value, column):
                     return problem
             elif not isinstance(value, str) or not value:
                 return f"'{column}' is empty or neither a string nor a list of messages"
@@ -212,12 +172,9 @@ def _row_problem(row: dict, fmt: str, labels: list[str]) -> str | None:
         return f"'messages' must be a list of messages, got {type(messages).__name__}"
     if not messages:
         return "'messages' is an empty conversation"
-    problem = _turns_problem(messages, "messages")
-    if problem:
+    if (problem := _turns_problem(messages, "messages")) or any(turn["role"] == "assistant" for turn in messages):
         return problem
-    if not any(turn["role"] == "assistant" for turn in messages):
-        return "no assistant message: nothing to learn from this conversation"
-    return None
+    return "no assistant message: nothing to learn from this conversation"
 
 
 def label_id(value, labels: list[str]) -> int:
@@ -229,11 +186,10 @@ def label_problem(value, task: str, labels: list[str]) -> str | None:
     if task == "regression":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
         return None if ok else f"'label' is {value!r}; regression labels are numbers"
-    if isinstance(value, str) and value in labels:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels):
-        return None
-    return f"'label' is {value!r}; it must be one of head.labels {labels} or an id from 0 to {len(labels) - 1}"
+    ok = value in labels if isinstance(value, str) else (
+        isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels))
+    return None if ok else (f"'label' is {value!r}; it must be one of head.labels {labels} or an id from 0 to "
+                            f"{len(labels) - 1}")
 
 
 def _turns_problem(turns: list, column: str) -> str | None:
@@ -254,10 +210,8 @@ def _weighted(ds, weight: float, seed: int):
     """Repeat whole copies, then take a seeded sample for the fractional part."""
     import datasets
 
-    whole, part = int(weight), weight - int(weight)
-    pieces = [ds] * whole
-    if part > 0:
-        pieces.append(ds.shuffle(seed=seed).select(range(round(len(ds) * part))))
+    part = weight - int(weight)
+    pieces = [ds] * int(weight) + ([ds.shuffle(seed=seed).select(range(round(len(ds) * part)))] if part > 0 else [])
     return datasets.concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0]
 
 

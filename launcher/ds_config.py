@@ -28,28 +28,27 @@ class Batch:
         return self.micro * self.accumulation * self.world
 
     def __str__(self) -> str:
-        return (f"micro {self.micro} x accumulation {self.accumulation} x world {self.world} "
-                f"= global {self.global_size}")
+        return f"micro {self.micro} x accumulation {self.accumulation} x world {self.world} = global {self.global_size}"
 
 
 def training_value(recipe: Recipe, key: str) -> Any:
-    """The recipe's value for an SFTConfig key, or SFTConfig's default."""
     return recipe.training.get(key, sft_fields.default(key))
 
 
 def resolve(recipe: Recipe, world: int, model_config: dict | None, where: str) -> tuple[dict, Batch]:
     """The resolved DeepSpeed config and batch. Writes the derived batch numbers into recipe.training."""
-    src = recipe.deepspeed.config
-    ds = merge(load_template(src), recipe.deepspeed.overrides)
+    ds = merge(load_template(recipe.deepspeed.config), recipe.deepspeed.overrides)
     label = template_label(recipe)
     zero_stage(ds, label)
     batch = resolve_batch(recipe, world, where)
-    recipe.training["per_device_train_batch_size"] = batch.micro
-    recipe.training["gradient_accumulation_steps"] = batch.accumulation
-    _set_number(ds, "train_micro_batch_size_per_gpu", batch.micro, label)
-    _set_number(ds, "gradient_accumulation_steps", batch.accumulation, label)
-    _set_number(ds, "train_batch_size", batch.global_size, label)
-    _set_number(ds, "gradient_clipping", training_value(recipe, "max_grad_norm"), label)
+    recipe.training.update(per_device_train_batch_size=batch.micro, gradient_accumulation_steps=batch.accumulation)
+    numbers = {"train_micro_batch_size_per_gpu": batch.micro, "gradient_accumulation_steps": batch.accumulation,
+               "train_batch_size": batch.global_size, "gradient_clipping": training_value(recipe, "max_grad_norm")}
+    for key, value in numbers.items():
+        current = ds.get(key, "auto")  # fill an "auto" or absent key; a number already there must agree
+        if current != "auto" and current != value:
+            raise RecipeError(f"{label}: {key} is {current!r} but the recipe gives {value!r}; set it to \"auto\"")
+        ds[key] = value
     _set_precision(ds, recipe)
     _set_optimizer(ds, recipe)
     _set_buckets(ds, model_config, label)
@@ -58,8 +57,7 @@ def resolve(recipe: Recipe, world: int, model_config: dict | None, where: str) -
 
 
 def template_label(recipe: Recipe) -> str:
-    src = recipe.deepspeed.config
-    return f"{src} (with deepspeed.overrides)" if recipe.deepspeed.overrides else src
+    return recipe.deepspeed.config + (" (with deepspeed.overrides)" if recipe.deepspeed.overrides else "")
 
 
 def to_json(ds: dict) -> str:
@@ -83,10 +81,8 @@ def merge(base: dict, overrides: dict) -> dict:
     """Deep-merge `overrides` into a copy of `base`; nested mappings merge, everything else replaces."""
     out = copy.deepcopy(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both else copy.deepcopy(value)
     return out
 
 
@@ -113,21 +109,8 @@ def resolve_batch(recipe: Recipe, world: int, where: str) -> Batch:
     return Batch(micro, accumulation, world)
 
 
-def _set_number(ds: dict, dotted: str, value: Any, label: str) -> None:
-    """Fill an "auto" or absent key; a number already there must agree."""
-    *parents, key = dotted.split(".")
-    node = ds
-    for parent in parents:
-        node = node.setdefault(parent, {})
-    current = node.get(key, "auto")
-    if current != "auto" and current != value:
-        raise RecipeError(f"{label}: {dotted} is {current!r} but the recipe gives {value!r}; set it to \"auto\"")
-    node[key] = value
-
-
 def _set_precision(ds: dict, recipe: Recipe) -> None:
-    fp16 = bool(training_value(recipe, "fp16"))
-    bf16 = training_value(recipe, "bf16")
+    fp16, bf16 = bool(training_value(recipe, "fp16")), training_value(recipe, "bf16")
     bf16 = (not fp16) if bf16 is None else bool(bf16)  # SFTConfig's rule for an unset bf16
     for key, enabled in (("bf16", bf16), ("fp16", fp16)):
         section = ds.setdefault(key, {})
@@ -141,12 +124,9 @@ def _set_optimizer(ds: dict, recipe: Recipe) -> None:
         ds["zero_allow_untested_optimizer"] = True
         return
     params = ds["optimizer"].get("params", {})
-    values = {
-        "lr": training_value(recipe, "learning_rate"),
-        "betas": [training_value(recipe, "adam_beta1"), training_value(recipe, "adam_beta2")],
-        "eps": training_value(recipe, "adam_epsilon"),
-        "weight_decay": training_value(recipe, "weight_decay"),
-    }
+    values = {"lr": training_value(recipe, "learning_rate"), "eps": training_value(recipe, "adam_epsilon"),
+              "betas": [training_value(recipe, "adam_beta1"), training_value(recipe, "adam_beta2")],
+              "weight_decay": training_value(recipe, "weight_decay")}
     for key, value in values.items():
         if params.get(key) == "auto":
             params[key] = value
@@ -154,28 +134,21 @@ def _set_optimizer(ds: dict, recipe: Recipe) -> None:
 
 def _set_buckets(ds: dict, model_config: dict | None, label: str) -> None:
     zero = ds.get("zero_optimization", {})
-    sizes = {
-        "reduce_bucket_size": lambda h: h * h,
-        "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
-        "stage3_param_persistence_threshold": lambda h: 10 * h,
-    }
+    sizes = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+             "stage3_param_persistence_threshold": lambda h: 10 * h}
     for key, size in sizes.items():
-        if zero.get(key) != "auto":
-            continue
-        hidden = hidden_size(model_config)
-        if hidden is None:
-            raise RecipeError(f"{label}: zero_optimization.{key} is \"auto\", which needs the model's hidden size; "
-                              "set model.config to a local config.json or give a number")
-        zero[key] = size(hidden)
+        if zero.get(key) == "auto":
+            if (hidden := hidden_size(model_config)) is None:
+                raise RecipeError(f"{label}: zero_optimization.{key} is \"auto\", which needs the model's hidden "
+                                  "size; set model.config to a local config.json or give a number")
+            zero[key] = size(hidden)
 
 
 def hidden_size(model_config: dict | None) -> int | None:
-    if not model_config:
-        return None
-    if "hidden_size" in model_config:
-        return model_config["hidden_size"]
-    text = model_config.get("text_config") or {}
-    return text.get("hidden_size") or model_config.get("d_model")
+    config = model_config or {}
+    if "hidden_size" in config:
+        return config["hidden_size"]
+    return (config.get("text_config") or {}).get("hidden_size") or config.get("d_model")
 
 
 def _no_auto_left(ds: Any, label: str, path: str = "") -> None:
@@ -189,5 +162,4 @@ def _no_auto_left(ds: Any, label: str, path: str = "") -> None:
 def offload(ds: dict) -> tuple[bool, bool]:
     """(optimizer offloaded, parameters offloaded) to CPU or NVMe."""
     zero = ds.get("zero_optimization", {})
-    return (zero.get("offload_optimizer", {}).get("device", "none") != "none",
-            zero.get("offload_param", {}).get("device", "none") != "none")
+    return tuple(zero.get(f"offload_{what}", {}).get("device", "none") != "none" for what in ("optimizer", "param"))

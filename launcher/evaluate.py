@@ -1,11 +1,10 @@
 """`launcher evaluate MODEL_DIR --data FILE`: a consolidated model's metrics on a data file, printed as a table and
 written as JSON; for SFT models also the answers it generates for a few prompts, so a person can see what it does.
 
-Classifiers (config.json names a *ForSequenceClassification architecture): loss, accuracy and macro precision,
-recall and F1 on text + label rows (labels by the names kept in the model's id2label, or by id); regression heads:
-MSE and MAE. Causal LMs: the mean loss per predicted token and its perplexity, over the tokens a trainer learns by
-default: the assistant's turns where the chat template marks them ({% generation %}), else the whole conversation;
-the completion of prompt/completion rows; all of a text row.
+Classifiers: loss, accuracy and macro precision, recall and F1 on text + label rows (labels by the names kept in
+the model's id2label, or by id); regression heads: MSE and MAE. Causal LMs: the mean loss per predicted token and
+its perplexity, over the tokens a trainer learns by default: the assistant's turns where the chat template marks
+them ({% generation %}), else the whole conversation; the completion of prompt/completion rows; all of a text row.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ import json
 import math
 from pathlib import Path
 
+from launcher import classify
+from launcher.data import load_one
 from launcher.errors import RecipeError
 from launcher.modeling import auto_class_for, is_classifier
 from launcher.schema import DatasetSpec
@@ -29,20 +30,27 @@ def evaluate(model_dir: str, data: str, split: str = "train", output: str | None
     labels = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))] if classifier else []
     import datasets
 
-    from launcher import data as datasets_
-
     datasets.disable_progress_bars()  # a bad row's one line must be the only thing said
-    rows = datasets_.load_one(DatasetSpec(path=_data_ref(data), split=split), "command line", "--data", task, labels)
+    rows = load_one(DatasetSpec(path=_data_ref(data), split=split), "command line", "--data", task, labels)
     if max_rows:
         rows = rows.select(range(min(max_rows, len(rows))))
-    model, tokenizer = _load(directory, config)
+    import torch
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = auto_class_for(config).from_pretrained(directory, dtype=torch.float32).eval()
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"{directory}: cannot load the model or its tokenizer ({str(err).splitlines()[0]})"
+                          ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     print(f"evaluating {directory} ({config['architectures'][0]}) on {data}: {len(rows)} rows", flush=True)
-    if classifier:
-        result = {"task": task, **_classifier_metrics(model, tokenizer, rows, task, labels, batch_size)}
-    else:
-        result = {"task": task, **_lm_metrics(model, tokenizer, rows), "samples": _samples(model, tokenizer, rows,
-                                                                                            prompts, max_new_tokens)}
-    result = {"model": str(directory.absolute()), "data": str(data), "rows": len(rows), **result}
+    with torch.no_grad():
+        metrics = (_classifier_metrics(model, tokenizer, rows, task, labels, batch_size) if classifier else
+                   {**_lm_metrics(model, tokenizer, rows), "samples": _samples(model, tokenizer, rows, prompts,
+                                                                               max_new_tokens)})
+    result = {"model": str(directory.absolute()), "data": str(data), "rows": len(rows), "task": task, **metrics}
     out = Path(output) if output else directory / f"metrics-{Path(data).stem}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(render(result) + f"\nwritten: {out}", flush=True)
@@ -72,57 +80,36 @@ def _data_ref(data: str) -> str:
     return data  # a hub id
 
 
-def _load(directory: Path, config: dict):
-    import torch
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = auto_class_for(config).from_pretrained(directory, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"{directory}: cannot load the model or its tokenizer ({str(err).splitlines()[0]})"
-                          ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
-
-
 def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], batch_size: int) -> dict:
-    import numpy as np
     import torch
-
-    from launcher import classify
 
     outputs, targets = [], []
-    with torch.no_grad():
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            encoded = tokenizer(batch["text"], truncation=True, padding=True, return_tensors="pt",
-                                max_length=min(tokenizer.model_max_length, 4096))
-            outputs.append(model(**encoded).logits.float())
-            targets += [classify.target(v, task, labels) for v in batch["label"]]
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        encoded = tokenizer(batch["text"], truncation=True, padding=True, return_tensors="pt",
+                            max_length=min(tokenizer.model_max_length, 4096))
+        outputs.append(model(**encoded).logits.float())
+        targets += [classify.target(v, task, labels) for v in batch["label"]]
     logits = torch.cat(outputs)
     if task == "regression":
-        return classify.regression_metrics((logits.numpy(), np.array(targets)))
+        return classify.regression_metrics((logits.numpy(), targets))
     target = torch.tensor(targets)
-    loss = torch.nn.functional.cross_entropy(logits, target).item()
-    return {"loss": loss, **classify.scores(logits.argmax(-1).numpy(), target.numpy(), len(labels)),
-            "labels": labels}
+    return {"loss": torch.nn.functional.cross_entropy(logits, target).item(),
+            **classify.scores(logits.argmax(-1).numpy(), target.numpy(), len(labels)), "labels": labels}
 
 
 def _lm_metrics(model, tokenizer, rows) -> dict:
     import torch
 
     total, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            ids, mask = _tokens(tokenizer, row)
-            if sum(mask[1:]) == 0:
-                continue
-            labels = torch.tensor([t if m else -100 for t, m in zip(ids, mask, strict=True)])
-            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-            total += torch.nn.functional.cross_entropy(logits, labels[1:], reduction="sum", ignore_index=-100).item()
-            count += int((labels[1:] != -100).sum())
+    for row in rows:
+        ids, mask = _tokens(tokenizer, row)
+        if sum(mask[1:]) == 0:
+            continue
+        labels = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)])
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+        total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()  # -100: ignored
+        count += int((labels != -100).sum())
     if count == 0:
         raise RecipeError("--data: no row has a token to score (empty completions, or a template that marks none)")
     loss = total / count
@@ -131,9 +118,7 @@ def _lm_metrics(model, tokenizer, rows) -> dict:
 
 def _as_messages(row: dict) -> dict:
     """Conversational prompt/completion rows (lists of turns) are one conversation."""
-    if "prompt" in row and isinstance(row["prompt"], list):
-        return {"messages": [*row["prompt"], *row["completion"]]}
-    return row
+    return {"messages": [*row["prompt"], *row["completion"]]} if isinstance(row.get("prompt"), list) else row
 
 
 def _tokens(tokenizer, row: dict) -> tuple[list[int], list[int]]:
@@ -158,8 +143,7 @@ def _samples(model, tokenizer, rows, prompts: int, max_new_tokens: int) -> list[
     import torch
 
     out = []
-    for row in rows.select(range(min(prompts, len(rows)))):
-        row = _as_messages(row)
+    for row in map(_as_messages, rows.select(range(min(prompts, len(rows))))):
         if "messages" in row:
             turns = row["messages"]
             cut = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
@@ -172,21 +156,18 @@ def _samples(model, tokenizer, rows, prompts: int, max_new_tokens: int) -> list[
             ids = tokenizer(prompt)["input_ids"]
         else:
             continue
-        with torch.no_grad():
-            generated = model.generate(torch.tensor([list(ids)]), max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
-        answer = tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
-        out.append({"prompt": prompt, "reference": reference, "generated": answer})
+        generated = model.generate(torch.tensor([list(ids)]), max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+        out.append({"prompt": prompt, "reference": reference,
+                    "generated": tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)})
     return out
 
 
 def render(result: dict) -> str:
-    """The metrics as aligned rows, then the generated samples."""
     skip = {"model", "data", "samples", "labels", "task"}
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.items() if k not in skip]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     for sample in result.get("samples", []):
-        lines += ["", f"prompt:    {sample['prompt']}", f"reference: {sample['reference']}",
-                  f"generated: {sample['generated']}"]
+        lines += ["", *(f"{key + ':':<11}{sample[key]}" for key in ("prompt", "reference", "generated"))]
     return "\n".join(lines)

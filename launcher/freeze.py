@@ -19,16 +19,12 @@ EMBEDDINGS = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|embed_positions|wte
 HEADS = ("classifier.", "score.", "lm_head.")  # sequence-classification heads (encoders, decoders), the LM head
 
 
-def is_head(name: str) -> bool:
-    return name.startswith(HEADS) or any(f".{h}" in name for h in HEADS)
-
-
 def frozen_names(names: list[str], freeze: FreezeSection | None, where: str) -> set[str]:
     """The names, of `names` (a model's parameters), that stay frozen. Raises RecipeError for a rule that would
     freeze nothing: a pattern that matches no parameter, more layers kept than the model has, no embeddings."""
     if freeze is None:
         return set()
-    body = [n for n in names if not is_head(n)]
+    body = [n for n in names if not (n.startswith(HEADS) or any(f".{h}" in n for h in HEADS))]
     layer_of = {n: int(m.group(1)) for n in body if (m := LAYER.search(n))}
     count = max(layer_of.values()) + 1 if layer_of else 0
     out: set[str] = set()

@@ -9,9 +9,11 @@ Only the standard library may be imported at module level: importing torch alone
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 
 class UnknownArchitecture(ValueError):
@@ -28,10 +30,9 @@ class ParamCount:
 
 @dataclass(frozen=True)
 class Family:
-    """How one decoder-only architecture lays out its parameters; None reads the config key of the same name."""
+    """How one decoder-only architecture lays out its parameters; a None bias reads the config key."""
 
-    qkv_bias: bool | None = None  # None: config["attention_bias"]
-    o_bias: bool | None = None
+    qkv_bias: bool | None = None  # None: config["attention_bias"], for o_proj too (a fixed one leaves o_proj bare)
     mlp_bias: bool | None = False  # None: config["mlp_bias"]
     qk_norm: bool = False  # an RMSNorm over head_dim on queries and keys
     norms_per_layer: int = 2
@@ -44,63 +45,22 @@ class Family:
 # Defaults mirror the transformers config classes so a config.json that leaves a key out counts as it would load.
 FAMILIES = {
     "llama": Family(mlp_bias=None),
-    "mistral": Family(qkv_bias=False, o_bias=False, kv_heads=8),
-    "qwen2": Family(qkv_bias=True, o_bias=False, kv_heads=32),
+    "mistral": Family(qkv_bias=False, kv_heads=8),
+    "qwen2": Family(qkv_bias=True, kv_heads=32),
     "qwen3": Family(qk_norm=True, kv_heads=32, head_dim=128),
     "gemma": Family(tied=True, kv_heads=16, head_dim=256),
     "gemma2": Family(norms_per_layer=4, tied=True, kv_heads=4, head_dim=256),
     "gemma3_text": Family(qk_norm=True, norms_per_layer=4, tied=True, kv_heads=4, head_dim=256),
-    "phi3": Family(qkv_bias=False, o_bias=False, fused=True),
+    "phi3": Family(qkv_bias=False, fused=True),
 }
 
 
 def family(config: dict) -> Family:
-    """The layout of config's model_type, or UnknownArchitecture."""
     kind = config.get("model_type")
     if kind not in FAMILIES:
         raise UnknownArchitecture(f"no exact parameter formula for model_type {kind!r} (known: "
                                   f"{', '.join(sorted(FAMILIES))}); count it on the meta device instead")
     return FAMILIES[kind]
-
-
-def _flag(fixed: bool | None, config: dict, key: str) -> bool:
-    """A bias switch: fixed by the architecture, or read from the config."""
-    return bool(config.get(key, False)) if fixed is None else fixed
-
-
-def _linear(name: str, fan_in: int, fan_out: int, bias: bool) -> dict[str, tuple[int, ...]]:
-    """The parameters of one nn.Linear, by name."""
-    return {f"{name}.weight": (fan_out, fan_in), **({f"{name}.bias": (fan_out,)} if bias else {})}
-
-
-NORMS = {2: ("input_layernorm", "post_attention_layernorm"),
-         4: ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")}
-
-
-def _layer(config: dict, fam: Family, prefix: str) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of one decoder layer's parameters, as the transformers model names them."""
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    heads = config["num_attention_heads"]
-    # a key left out takes the class default; an explicit null is derived from the head count, as on loading
-    kv_heads = config.get("num_key_value_heads", fam.kv_heads) or heads
-    head_dim = config.get("head_dim", fam.head_dim) or hidden // heads
-    qkv_bias, o_bias = _flag(fam.qkv_bias, config, "attention_bias"), _flag(fam.o_bias, config, "attention_bias")
-    mlp_bias = _flag(fam.mlp_bias, config, "mlp_bias")
-    q, kv = heads * head_dim, kv_heads * head_dim
-    attn, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
-    if fam.fused:
-        out = {**_linear(f"{attn}.qkv_proj", hidden, q + 2 * kv, qkv_bias),
-               **_linear(f"{mlp}.gate_up_proj", hidden, 2 * inter, mlp_bias)}
-    else:
-        out = {**_linear(f"{attn}.q_proj", hidden, q, qkv_bias), **_linear(f"{attn}.k_proj", hidden, kv, qkv_bias),
-               **_linear(f"{attn}.v_proj", hidden, kv, qkv_bias),
-               **_linear(f"{mlp}.gate_proj", hidden, inter, mlp_bias), **_linear(f"{mlp}.up_proj", hidden, inter,
-                                                                                 mlp_bias)}
-    out.update({**_linear(f"{attn}.o_proj", q, hidden, o_bias), **_linear(f"{mlp}.down_proj", inter, hidden, mlp_bias)})
-    out.update({f"{prefix}.{norm}.weight": (hidden,) for norm in NORMS[fam.norms_per_layer]})
-    if fam.qk_norm:
-        out.update({f"{attn}.q_norm.weight": (head_dim,), f"{attn}.k_norm.weight": (head_dim,)})
-    return out
 
 
 def named_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -111,11 +71,26 @@ def named_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     missing = [key for key in SIZE_KEYS if key not in config]
     if missing:
         raise UnknownArchitecture(f"config.json lacks {', '.join(missing)}; count it on the meta device instead")
-    vocab, hidden = config["vocab_size"], config["hidden_size"]
-    out = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(config["num_hidden_layers"]):
-        out.update(_layer(config, fam, f"model.layers.{i}"))
-    out["model.norm.weight"] = (hidden,)
+    vocab, hidden, inter, layers, heads = (config[key] for key in SIZE_KEYS)
+    # a key left out takes the class default; an explicit null is derived from the head count, as on loading
+    head_dim = config.get("head_dim", fam.head_dim) or hidden // heads
+    q, kv = heads * head_dim, (config.get("num_key_value_heads", fam.kv_heads) or heads) * head_dim
+    attention_bias = bool(config.get("attention_bias", False))
+    qkv_bias, o_bias = (attention_bias,) * 2 if fam.qkv_bias is None else (fam.qkv_bias, False)
+    mlp_bias = bool(config.get("mlp_bias", False)) if fam.mlp_bias is None else fam.mlp_bias
+    fused = [("self_attn.qkv_proj", hidden, q + 2 * kv, qkv_bias), ("mlp.gate_up_proj", hidden, 2 * inter, mlp_bias)]
+    split = [(f"self_attn.{n}_proj", hidden, size, qkv_bias) for n, size in (("q", q), ("k", kv), ("v", kv))] + [
+        (f"mlp.{n}_proj", hidden, inter, mlp_bias) for n in ("gate", "up")]
+    layer = {f"{norm}.weight": (hidden,) for norm in NORMS[: fam.norms_per_layer]}  # under model.layers.<i>
+    for name, fan_in, fan_out, bias in [*(fused if fam.fused else split), ("self_attn.o_proj", q, hidden, o_bias),
+                                        ("mlp.down_proj", inter, hidden, mlp_bias)]:
+        layer[f"{name}.weight"] = (fan_out, fan_in)
+        if bias:
+            layer[f"{name}.bias"] = (fan_out,)
+    if fam.qk_norm:
+        layer.update({f"self_attn.{n}_norm.weight": (head_dim,) for n in "qk"})
+    out = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    out.update({f"model.layers.{i}.{name}": shape for i in range(layers) for name, shape in layer.items()})
     if not config.get("tie_word_embeddings", fam.tied):
         out["lm_head.weight"] = (vocab, hidden)
     return out
@@ -123,18 +98,17 @@ def named_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 def count_params(config: dict) -> ParamCount:
     """Exact parameter count of a known decoder-only transformer from its HF config dict."""
-    modules: dict[str, int] = {}
+    modules: Counter[str] = Counter()
     for name, shape in named_shapes(config).items():
-        module = name.rsplit(".", 1)[0]
-        modules[module] = modules.get(module, 0) + math.prod(shape)
+        modules[name.rsplit(".", 1)[0]] += math.prod(shape)
     return ParamCount(sum(modules.values()), max(modules.values()))
 
 
 def linear_module_names(config: dict) -> set[str]:
     """Leaf names of the nn.Linear modules of a known architecture, for checking LoRA targets without a model."""
-    if family(config).fused:
-        return {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
-    return {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+    fused = ("qkv_proj", "gate_up_proj") if family(config).fused else ("q_proj", "k_proj", "v_proj", "gate_proj",
+                                                                       "up_proj")
+    return {*fused, "o_proj", "down_proj", "lm_head"}
 
 
 def lora_targets(config: dict) -> set[str]:
@@ -152,63 +126,40 @@ def count_params_meta(config_path: str) -> ParamCount:
 
 
 def count_model(model) -> ParamCount:
-    """The count of a built (e.g. meta-device) model."""
     # parameters() yields a tied weight once; DeepSpeed dedupes by data_ptr, which is 0 for every meta tensor
     total = sum(p.numel() for p in model.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ParamCount(total, largest)
+    return ParamCount(total, max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()))
 
 
 def model_states_bytes(params: ParamCount, stage: int, nodes: int, gpus_per_node: int, offload_optimizer: bool,
                        offload_params: bool, buffer_factor: float = 1.5) -> tuple[int, int]:
-    """(accelerator bytes per device, CPU bytes per node) for params, grads and Adam states, as DeepSpeed estimates."""
+    """(accelerator bytes per device, CPU bytes per node) for params, grads and Adam states, as DeepSpeed estimates
+    them (ZeRO-3: with zero.Init, parameters partitioned as they are created)."""
     if nodes < 1 or gpus_per_node < 1:
         raise ValueError(f"need at least one node and one device per node, got {nodes} x {gpus_per_node}")
-    if stage == 0:
-        return _ddp(params.total, gpus_per_node, buffer_factor)
-    if stage in (1, 2):  # DeepSpeed has no parameter offload below stage 3: offload_param is ignored there
-        return _zero2(params.total, nodes, gpus_per_node, offload_optimizer, buffer_factor)
-    if stage == 3:
-        return _zero3(params, nodes, gpus_per_node, offload_optimizer, offload_params, buffer_factor)
-    raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
-
-
-def _ddp(total: int, per_node: int, buffer_factor: float) -> tuple[int, int]:
-    """Plain data parallel: nothing sharded, offload unavailable."""
-    # 2 bf16/fp16 weights + 2 grads + 4 fp32 master weights + 8 Adam moments; every rank loads the fp32 model on CPU
-    return 16 * total, int(total * 4 * per_node * buffer_factor)
-
-
-def _zero2(total: int, nodes: int, per_node: int, offload_optimizer: bool, buffer_factor: float) -> tuple[int, int]:
-    """DeepSpeed's ZeRO-1/2 estimate (its estimator does not tell stage 1 from stage 2)."""
-    devices = nodes * per_node
-    if offload_optimizer:
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
+    total, largest, devices = params.total, params.largest_layer, nodes * gpus_per_node
+    if stage == 0:  # plain data parallel: nothing sharded, offload unavailable
+        # 2 bf16/fp16 weights + 2 grads + 4 fp32 master weights + 8 Adam moments; every rank loads the fp32 model on CPU
+        return 16 * total, int(total * 4 * gpus_per_node * buffer_factor)
+    # DeepSpeed's ZeRO-1/2 estimator does not tell stage 1 from 2, and ignores offload_param (stage 3 only)
+    if stage < 3 and offload_optimizer:
         return 2 * total, int(total * max(4 * devices, 16) * buffer_factor)
-    # 18 sharded bytes: 2 fp16 grads + 4 fp32 grads + 4 fp32 master weights + 8 Adam moments
-    return 2 * total + int(18 * total / devices), int(total * 4 * per_node * buffer_factor)
-
-
-def _zero3(params: ParamCount, nodes: int, per_node: int, offload_optimizer: bool, offload_params: bool,
-           buffer_factor: float) -> tuple[int, int]:
-    """DeepSpeed's ZeRO-3 estimate with zero.Init (parameters partitioned as they are created)."""
-    total, devices = params.total, nodes * per_node
-    layer = 4 * params.largest_layer
+    if stage < 3:  # 18 sharded bytes: 2 fp16 grads + 4 fp32 grads + 4 fp32 master weights + 8 Adam moments
+        return 2 * total + int(18 * total / devices), int(total * 4 * gpus_per_node * buffer_factor)
     per_node_share = 1 / nodes  # multiplied, not divided, in the same order as DeepSpeed so int() truncates alike
     if offload_optimizer and offload_params:
-        return layer, int(total * 18 * per_node_share * buffer_factor)
+        return 4 * largest, int(total * 18 * per_node_share * buffer_factor)
     if offload_optimizer:
-        return layer + int(2 * total / devices), int(total * 16 * per_node_share * buffer_factor)
+        return 4 * largest + int(2 * total / devices), int(total * 16 * per_node_share * buffer_factor)
     # DeepSpeed's estimator has no case for parameters offloaded alone; they count as on the device
-    return layer + int(18 * total / devices), int(params.largest_layer * 4 * per_node * buffer_factor)
+    return 4 * largest + int(18 * total / devices), int(largest * 4 * gpus_per_node * buffer_factor)
 
 
 def format_bytes(n: int) -> str:
     """Human-readable binary size: '512 B', '15.2 GiB'."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
+    value, units = n, ["B", "KiB", "MiB", "GiB", "TiB"]
+    while value >= 1024 and len(units) > 1:
+        value, units = value / 1024, units[1:]
+    return f"{n} B" if units[0] == "B" else f"{value:.1f} {units[0]}"

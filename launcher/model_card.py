@@ -14,21 +14,17 @@ HOW = {"sft": "with supervised fine-tuning (TRL SFTTrainer, DeepSpeed ZeRO)",
 
 def write(out: Path, checkpoint: Path, steps: int | None) -> None:
     recipe = recipe_of(checkpoint)
-    state = _trainer_state(checkpoint)
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     model = recipe.get("model", {}).get("name_or_path", "unknown")
     data = [d.get("path") for d in recipe.get("data", {}).get("train", [])]
-    lines = [
-        f"# {recipe.get('run', {}).get('name', out.name)}",
-        "",
-        f"Fine-tuned from `{model}` {HOW.get(recipe.get('task', 'sft'), HOW['sft'])}"
-        + (", LoRA merged into the base weights (the adapter is in `adapter/`)." if recipe.get("lora") else "."),
-        "",
-        f"- data: {', '.join(f'`{d}`' for d in data) or 'unknown'}",
-        f"- steps: {steps if steps is not None else state.get('global_step', 'unknown')}",
-        f"- checkpoint: `{checkpoint}`",
-    ]
-    labels = recipe.get("head", {}).get("labels")
-    if labels:
+    lora = ", LoRA merged into the base weights (the adapter is in `adapter/`)." if recipe.get("lora") else "."
+    lines = [f"# {recipe.get('run', {}).get('name', out.name)}", "",
+             f"Fine-tuned from `{model}` {HOW.get(recipe.get('task', 'sft'), HOW['sft'])}{lora}", "",
+             f"- data: {', '.join(f'`{d}`' for d in data) or 'unknown'}",
+             f"- steps: {steps if steps is not None else state.get('global_step', 'unknown')}",
+             f"- checkpoint: `{checkpoint}`"]
+    if labels := recipe.get("head", {}).get("labels"):
         lines.append(f"- labels: {', '.join(f'`{label}`' for label in labels)}")
     for key in ("loss", "eval_loss", "eval_accuracy", "eval_f1", "eval_mse"):
         value = next((e[key] for e in reversed(state.get("log_history", [])) if key in e), None)
@@ -45,8 +41,3 @@ def recipe_of(checkpoint: Path) -> dict:
         if candidate.is_file():
             return yaml.safe_load(candidate.read_text()) or {}
     return {}
-
-
-def _trainer_state(checkpoint: Path) -> dict:
-    path = checkpoint / "trainer_state.json"
-    return json.loads(path.read_text()) if path.is_file() else {}

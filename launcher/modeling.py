@@ -13,7 +13,6 @@ GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # one cla
 
 def load_tokenizer(recipe: Recipe, local_files_only: bool = False, quick: bool = False):
     """The recipe's tokenizer (model.tokenizer, else the model's). local_files_only: no download (hub cache only).
-
     quick (pre-flight): a local tokenizer whose files declare transformers' generic class is loaded with that class
     directly; AutoTokenizer returns the same class for them but first imports torch and the model's config classes
     (about 4 s). Chat templates, special tokens and assistant masks are the same either way."""
@@ -77,8 +76,7 @@ def model_config(recipe: Recipe):
 
     m = recipe.model
     config = AutoConfig.from_pretrained(m.config or m.name_or_path, trust_remote_code=m.trust_remote_code)
-    for key, value in head_config(recipe).items():
-        setattr(config, key, value)
+    config.update(head_config(recipe))
     return config
 
 
@@ -103,41 +101,34 @@ def load_model(recipe: Recipe, on_gpu: bool):
     dtype = "auto" if m.dtype == "auto" else getattr(torch, m.dtype)
     if m.init == "random":
         return cls.from_config(model_config(recipe), dtype=torch.float32 if dtype == "auto" else dtype, **kwargs)
-    quantization = _quantization(recipe, on_gpu)
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization
+    if recipe.lora and recipe.lora.quantize != "none":
+        if not on_gpu:
+            raise RecipeError(f"lora.quantize {recipe.lora.quantize} (QLoRA) needs a CUDA GPU (bitsandbytes); "
+                              "set lora.quantize: none for a CPU run")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True) if recipe.lora.quantize == "8bit" else (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16))
     return cls.from_pretrained(m.name_or_path, dtype=dtype, **head_config(recipe), **kwargs)
-
-
-def _quantization(recipe: Recipe, on_gpu: bool):
-    if not recipe.lora or recipe.lora.quantize == "none":
-        return None
-    if not on_gpu:
-        raise RecipeError(f"lora.quantize {recipe.lora.quantize} (QLoRA) needs a CUDA GPU (bitsandbytes); "
-                          "set lora.quantize: none for a CPU run")
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    if recipe.lora.quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def lora_config(recipe: Recipe, model, where: str):
     """peft's LoraConfig, after checking every named target against the model's modules."""
-    if recipe.lora is None:
+    lora = recipe.lora
+    if lora is None:
         return None
+    import torch
     from peft import LoraConfig
 
-    lora = recipe.lora
-    names = [name for name, _ in model.named_modules()]
+    modules = dict(model.named_modules())
     targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
     for key, wanted in (("target_modules", targets), ("modules_to_save", lora.modules_to_save)):
         for target in wanted:
-            if target != "all-linear" and not any(n == target or n.endswith("." + target) for n in names):
+            if target != "all-linear" and not any(n == target or n.endswith("." + target) for n in modules):
+                linear = {n.rsplit(".", 1)[-1] for n, mod in modules.items() if isinstance(mod, torch.nn.Linear)}
                 raise RecipeError(f"{where}: lora.{key} '{target}' matches no module of the model; it has "
-                                  f"{', '.join(linear_names(model))}")
+                                  f"{', '.join(sorted(linear))}")
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
                       target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None)
 
@@ -147,32 +138,20 @@ def parameter_count(model, trainable_only: bool = False) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def linear_names(model) -> list[str]:
-    import torch
-
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-                   if isinstance(mod, torch.nn.Linear)})
-
-
-def end_of_turn_id(tokenizer) -> int | None:
-    """The token the chat template closes an assistant turn with: what generation must stop at."""
-    if not tokenizer.chat_template:
-        return tokenizer.eos_token_id
-    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "MARKER"}]
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    ids = ids["input_ids"] if isinstance(ids, dict) else ids
-    marker = tokenizer.encode("MARKER", add_special_tokens=False)
-    for i in range(len(ids) - len(marker), -1, -1):
-        if ids[i : i + len(marker)] == marker:
-            after = ids[i + len(marker) :]
-            return next((t for t in after if t in tokenizer.all_special_ids), None)
-    return tokenizer.eos_token_id
-
-
 def stop_at_end_of_turn(generation, tokenizer) -> None:
-    """Make a generation config stop where the chat template ends the assistant's turn, and pad with the
-    tokenizer's pad token: what serving the model needs (the model's own EOS may be another token)."""
-    end = end_of_turn_id(tokenizer)
+    """Make a generation config stop where the chat template ends the assistant's turn (the first special token after
+    its content), and pad with the tokenizer's pad token: what serving the model needs (the model's own EOS may be
+    another token)."""
+    end = tokenizer.eos_token_id
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "MARKER"}]
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids
+        marker = tokenizer.encode("MARKER", add_special_tokens=False)
+        for i in range(len(ids) - len(marker), -1, -1):
+            if ids[i : i + len(marker)] == marker:
+                end = next((t for t in ids[i + len(marker) :] if t in tokenizer.all_special_ids), None)
+                break
     eos = generation.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     if end is not None and end not in eos:

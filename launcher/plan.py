@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,14 @@ def make(recipe_path: str, overrides: dict[str, Any], topology) -> Plan:
     """The recipe loaded, every rule checked and the DeepSpeed config resolved for `topology`: a Topology, a
     function of the recipe giving one, or None for the Slurm job's ranks (the recipe's slurm section)."""
     recipe = recipes.load(recipe_path, overrides)
-    where = recipe_path
-    topology = topology(recipe) if callable(topology) else topology or job_topology(recipe, where)
-    config = recipes.model_config(recipe, where)
-    ds, batch = ds_config.resolve(recipe, topology.world, config, where)
-    rules.check(recipe, ds, ds_config.zero_stage(ds, ""), config, where, ds_config.template_label(recipe))
+    topology = topology(recipe) if callable(topology) else topology or job_topology(recipe, recipe_path)
+    config = recipes.model_config(recipe, recipe_path)
+    ds, batch = ds_config.resolve(recipe, topology.world, config, recipe_path)
+    rules.check(recipe, ds, ds_config.zero_stage(ds, ""), config, recipe_path, ds_config.template_label(recipe))
     run_dir = Path(recipe.run.output_dir)
     hostfile = str(run_dir / "hostfile") if topology.nnodes > 1 and not topology.hostfile else None
     command = deepspeed_command(topology, [str(run_dir / "recipe.yaml")], hostfile)
-    trainable, count = trainable_params(recipe, config, where)
+    trainable, count = trainable_params(recipe, config, recipe_path)
     params, estimate = memory_line(recipe, config, ds, topology, count)
     return Plan(recipe_path, recipe, topology, ds, batch, rank_env(topology), command, estimate, params, trainable)
 
@@ -82,7 +81,7 @@ def job_topology(recipe: Recipe, where: str) -> Topology:
 
 
 def memory_line(recipe: Recipe, config: dict | None, ds: dict, topology: Topology,
-                count: memory.ParamCount | None = None) -> tuple[int | None, str]:
+                count: memory.ParamCount | None) -> tuple[int | None, str]:
     if config is None:
         return None, "no estimate: set model.config to a local config.json to get one"
     try:
@@ -116,20 +115,13 @@ def fine_tune(plan: Plan) -> str:
 
 
 def render(plan: Plan) -> str:
-    """The human-readable plan."""
-    rows = [
-        ("recipe", plan.recipe_path),
-        ("run dir", str(plan.run_dir)),
-        ("topology", str(plan.topology)),
-        ("batch", str(plan.batch)),
-        ("zero", f"stage {ds_config.zero_stage(plan.ds_config, '')} from {plan.recipe.deepspeed.config}"),
-        ("task", plan.recipe.task + (f" {plan.recipe.head.labels}" if plan.recipe.head.labels else "")),
-        ("fine-tune", fine_tune(plan)),
-        ("memory", plan.memory),
-        ("command", shell_line(plan.env, plan.command)),
-    ]
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    rows = {"recipe": plan.recipe_path, "run dir": str(plan.run_dir), "topology": str(plan.topology),
+            "batch": str(plan.batch),
+            "zero": f"stage {ds_config.zero_stage(plan.ds_config, '')} from {plan.recipe.deepspeed.config}",
+            "task": plan.recipe.task + (f" {plan.recipe.head.labels}" if plan.recipe.head.labels else ""),
+            "fine-tune": fine_tune(plan), "memory": plan.memory, "command": shell_line(plan.env, plan.command)}
+    width = max(map(len, rows))
+    lines = [f"{k:<{width}}  {v}" for k, v in rows.items()]
     for name, text in plan.files().items():
         if name != "command.txt":
             lines += ["", f"--- {plan.run_dir / name}", text.rstrip()]
@@ -137,17 +129,8 @@ def render(plan: Plan) -> str:
 
 
 def as_json(plan: Plan) -> dict[str, Any]:
-    """The same plan as data, for scripts and tests."""
-    return {
-        "recipe": recipes.to_dict(plan.recipe),
-        "deepspeed": plan.ds_config,
-        "batch": {"micro": plan.batch.micro, "accumulation": plan.batch.accumulation, "world": plan.batch.world,
-                  "global": plan.batch.global_size},
-        "topology": {"nnodes": plan.topology.nnodes, "slots": list(plan.topology.slots)},
-        "env": plan.env,
-        "command": plan.command,
-        "memory": plan.memory,
-        "params": plan.params,
-        "trainable_params": plan.trainable[0] if plan.trainable else None,
-        "run_dir": str(plan.run_dir),
-    }
+    return {"recipe": recipes.to_dict(plan.recipe), "deepspeed": plan.ds_config,
+            "batch": {**asdict(plan.batch), "global": plan.batch.global_size},
+            "topology": {"nnodes": plan.topology.nnodes, "slots": list(plan.topology.slots)},
+            "env": plan.env, "command": plan.command, "memory": plan.memory, "params": plan.params,
+            "trainable_params": plan.trainable[0] if plan.trainable else None, "run_dir": str(plan.run_dir)}

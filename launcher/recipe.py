@@ -25,10 +25,8 @@ def is_override(key: str) -> bool:
 def load(path: str, overrides: dict[str, Any] | None = None) -> Recipe:
     """Parse, override, validate and resolve paths. Raises RecipeError naming the file and key."""
     raw = read_yaml(path)
-    where = path
-    if overrides:
-        apply_overrides(raw, overrides, path)
-        where = f"{path} (with overrides {', '.join('--' + k for k in overrides)})"
+    apply_overrides(raw, overrides or {}, path)
+    where = f"{path} (with overrides {', '.join('--' + k for k in overrides)})" if overrides else path
     return resolve_paths(schema.build(Recipe, raw, where), where)
 
 
@@ -56,48 +54,39 @@ def apply_overrides(raw: dict, overrides: dict[str, Any], path: str) -> None:
     for dotted, value in overrides.items():
         keys = str(dotted).split(".")
         node = raw
-        for i, key in enumerate(keys[:-1]):
-            node = _child(node, key, ".".join(keys[: i + 1]), path)
-        last = keys[-1]
-        if isinstance(node, list):
-            node[_index(node, last, dotted, path)] = value
-        else:
-            node[last] = value
-
-
-def _child(node: Any, key: str, dotted: str, path: str) -> Any:
-    if isinstance(node, list):
-        return node[_index(node, key, dotted, path)]
-    if not isinstance(node, dict):
-        raise RecipeError(f"{path}: override --{dotted}: '{dotted.rsplit('.', 1)[0]}' is not a section")
-    if node.get(key) is None:
-        node[key] = {}
-    return node[key]
-
-
-def _index(node: list, key: str, dotted: str, path: str) -> int:
-    if not key.isdigit() or int(key) >= len(node):
-        raise RecipeError(f"{path}: override --{dotted}: '{key}' is not an index of a {len(node)}-item list")
-    return int(key)
+        for i, key in enumerate(keys, 1):
+            here = ".".join(keys[:i])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise RecipeError(f"{path}: override --{here}: '{key}' is not an index of a {len(node)}-item list")
+                key = int(key)
+            elif not isinstance(node, dict):
+                raise RecipeError(f"{path}: override --{here}: '{here.rsplit('.', 1)[0]}' is not a section")
+            elif i < len(keys) and node.get(key) is None:
+                node[key] = {}
+            if i == len(keys):
+                node[key] = value
+            node = node[key]
 
 
 def resolve_paths(recipe: Recipe, where: str) -> Recipe:
     """Make local paths absolute (the resolved recipe is run from elsewhere) and check that they exist."""
     m = recipe.model
-    m.name_or_path = _model_ref(m.name_or_path, where, "model.name_or_path")
+    m.name_or_path = _local_or_hub(m.name_or_path, where, "model.name_or_path")
     if m.tokenizer:
-        m.tokenizer = _model_ref(m.tokenizer, where, "model.tokenizer")
+        m.tokenizer = _local_or_hub(m.tokenizer, where, "model.tokenizer")
     if m.config:
         m.config = _existing(m.config, where, "model.config")
     if m.init == "random" and not config_path(recipe):
         schema.fail(where, "model.init", "is random, which needs a local config (model.config or a local model dir)")
     for section in ("train", "eval"):
         for i, spec in enumerate(getattr(recipe.data, section)):
-            spec.path = _data_ref(spec.path, where, f"data.{section}.{i}.path")
+            spec.path = _local_or_hub(spec.path, where, f"data.{section}.{i}.path", data=True)
     recipe.deepspeed.config = _existing(assets.ds_config(recipe.deepspeed.config, where), where, "deepspeed.config")
     recipe.run.output_dir = str(Path(recipe.run.output_dir or f"runs/{recipe.run.name}").absolute())
     if recipe.run.resume not in ("auto", "never"):
-        recipe.run.resume = str(_existing_dir(recipe.run.resume, where, "run.resume"))
+        recipe.run.resume = _existing(recipe.run.resume, where, "run.resume", Path.is_dir,
+                                      "is neither auto, never, nor an existing checkpoint directory")
     return recipe
 
 
@@ -110,8 +99,7 @@ def config_path(recipe: Recipe) -> str | None:
 
 
 def model_config(recipe: Recipe, where: str) -> dict | None:
-    path = config_path(recipe)
-    if path is None:
+    if (path := config_path(recipe)) is None:
         return None
     try:
         return json.loads(Path(path).read_text())
@@ -119,40 +107,22 @@ def model_config(recipe: Recipe, where: str) -> dict | None:
         raise RecipeError(f"{where}: model config {path} is not valid JSON ({err})") from None
 
 
-def _looks_local(ref: str) -> bool:
-    return ref.startswith((".", "/", "~")) or ref.count("/") != 1
-
-
-def _model_ref(ref: str, where: str, key: str) -> str:
-    if Path(ref).expanduser().exists():
-        return str(Path(ref).expanduser().absolute())
-    if _looks_local(ref):
-        schema.fail(where, key, f"'{ref}' does not exist (neither a local directory nor an org/name hub id)")
-    return ref  # a hub id: checked when it is downloaded
-
-
-def _data_ref(ref: str, where: str, key: str) -> str:
+def _local_or_hub(ref: str, where: str, key: str, data: bool = False) -> str:
+    """A local path, made absolute, or a hub id (org/name, checked when it is downloaded)."""
     local = Path(ref).expanduser()
-    if local.exists():
-        if local.is_file() and local.suffix not in DATA_SUFFIXES:
-            schema.fail(where, key, f"'{ref}' has an unsupported type; use one of {', '.join(DATA_SUFFIXES)}")
-        return str(local.absolute())
-    if local.suffix in DATA_SUFFIXES or _looks_local(ref):
-        schema.fail(where, key, f"'{ref}' does not exist")
-    return ref
+    if data and local.is_file() and local.suffix not in DATA_SUFFIXES:
+        schema.fail(where, key, f"'{ref}' has an unsupported type; use one of {', '.join(DATA_SUFFIXES)}")
+    hub = ref.count("/") == 1 and not ref.startswith((".", "/", "~")) and not (data and local.suffix in DATA_SUFFIXES)
+    if hub and not local.exists():
+        return ref
+    problem = "does not exist" if data else "does not exist (neither a local directory nor an org/name hub id)"
+    return _existing(ref, where, key, Path.exists, problem)
 
 
-def _existing(ref: str, where: str, key: str) -> str:
+def _existing(ref: str, where: str, key: str, exists=Path.is_file, problem: str = "does not exist") -> str:
     path = Path(ref).expanduser()
-    if not path.is_file():
-        schema.fail(where, key, f"'{ref}' does not exist")
-    return str(path.absolute())
-
-
-def _existing_dir(ref: str, where: str, key: str) -> str:
-    path = Path(ref).expanduser()
-    if not path.is_dir():
-        schema.fail(where, key, f"'{ref}' is neither auto, never, nor an existing checkpoint directory")
+    if not exists(path):
+        schema.fail(where, key, f"'{ref}' {problem}")
     return str(path.absolute())
 
 

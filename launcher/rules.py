@@ -5,7 +5,7 @@ Rules on one key live on the key, in schema.py. These need the merged DeepSpeed 
 
 from __future__ import annotations
 
-from launcher import memory, sft_fields
+from launcher import ds_config, memory, sft_fields
 from launcher.errors import RecipeError
 from launcher.schema import Recipe, fail
 
@@ -41,12 +41,11 @@ def check_training(recipe: Recipe, where: str) -> None:
 
 
 def check_task(recipe: Recipe, where: str) -> None:
-    """What each task needs from the head, freeze and training sections."""
     head, task = recipe.head, recipe.task
-    if task == "sft":
-        if head.labels or head.class_weights is not None:
-            fail(where, "head", "is for task classification or regression; this recipe's task is sft")
-    else:
+    headed = bool(head.labels) or head.class_weights is not None
+    if task == "sft" and headed:
+        fail(where, "head", "is for task classification or regression; this recipe's task is sft")
+    if task != "sft":
         for key in recipe.training:
             if key in sft_fields.sft_only() and key not in SHARED_WITH_SFT:
                 fail(where, f"training.{key}", f"is an SFT option; task {task} trains with the HF Trainer, which "
@@ -63,15 +62,14 @@ def check_task(recipe: Recipe, where: str) -> None:
         if isinstance(weights, list) and (len(weights) != len(head.labels) or min(weights) <= 0):
             fail(where, "head.class_weights", f"must be {len(head.labels)} positive numbers (one per label in "
                  "head.labels), or balanced")
-    if task == "regression" and (head.labels or head.class_weights is not None):
+    if task == "regression" and headed:
         fail(where, "head", "labels and class_weights are for classification; regression predicts one number")
     if recipe.freeze and recipe.lora:
         fail(where, "freeze", "and lora both choose what trains: LoRA already freezes the base model; remove one")
 
 
 def check_deepspeed(recipe: Recipe, ds: dict, stage: int, label: str, where: str) -> None:
-    zero = ds.get("zero_optimization", {})
-    lora = recipe.lora
+    zero, lora = ds.get("zero_optimization", {}), recipe.lora
     if lora and lora.quantize != "none" and stage == 3:
         raise RecipeError(f"{where}: lora.quantize {lora.quantize} (QLoRA) cannot run with ZeRO-3 ({label}); "
                           "use deepspeed.config zero2")
@@ -79,7 +77,7 @@ def check_deepspeed(recipe: Recipe, ds: dict, stage: int, label: str, where: str
         raise RecipeError(f"{where}: LoRA with ZeRO-3 saves empty adapters unless "
                           f"zero_optimization.stage3_gather_16bit_weights_on_model_save is true ({label}); set it in "
                           "deepspeed.overrides")
-    if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
+    if ds_config.offload(ds)[1] and stage != 3:
         raise RecipeError(f"{label}: zero_optimization.offload_param needs stage 3 (stage is {stage})")
 
 

@@ -35,9 +35,8 @@ def changes_since_start(run_dir: Path, recipe_yaml: str) -> list[str]:
         raise RecipeError(f"{stored}: not a recipe this launcher wrote; move it away or use a new run.name")
     changed = _differences(before, now)
     for key, old, new in changed:
-        shrinks = key in schema.GROW_ONLY and isinstance(old, (int, float)) and isinstance(new, (int, float)) \
-            and 0 < new < old
-        if schema.identifies(key) or shrinks:
+        numbers = isinstance(old, (int, float)) and isinstance(new, (int, float))
+        if schema.identifies(key) or (key in schema.GROW_ONLY and numbers and 0 < new < old):
             raise RecipeError(f"{stored}: this run started with a different recipe ({key} changed: {old!r} -> "
                               f"{new!r}); resuming would mix two experiments: use a new run.name or run.output_dir")
     return [f"{key}: {old!r} -> {new!r}" for key, old, new in changed]

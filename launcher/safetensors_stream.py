@@ -20,23 +20,20 @@ SAFETENSORS_DTYPE = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": 
 def plan_shards(shapes: Iterable[tuple[str, tuple[int, ...]]], dtype: str, shard_bytes: int) -> list[list]:
     """Group (name, shape) in order into shards of at most shard_bytes (a larger tensor gets a shard alone)."""
     size = SAFETENSORS_DTYPE[dtype][1]
-    shards, current, used = [], [], 0
+    shards, used = [[]], 0
     for name, shape in shapes:
         nbytes = math.prod(shape) * size
-        if current and used + nbytes > shard_bytes:
-            shards.append(current)
-            current, used = [], 0
-        current.append((name, tuple(shape)))
+        if shards[-1] and used + nbytes > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, tuple(shape)))
         used += nbytes
-    if current:
-        shards.append(current)
-    return shards
+    return shards if shards[-1] else []
 
 
 def write_model(tensors: list[tuple[str, tuple[int, ...], Callable]], out: Path, dtype: str, shard_bytes: int,
                 progress: Callable[[str], None] = print, after_each: Callable[[], None] | None = None) -> None:
-    """tensors: (name, shape, read) in order, read() giving the tensor's values as a list of 1-D chunks (no copy
-    needed). Writes model-0000i-of-0000N.safetensors and model.safetensors.index.json into out."""
+    """tensors: (name, shape, read) in order, read() giving the tensor's values as a list of 1-D chunks (views)."""
     reader = {name: read for name, _, read in tensors}
     shards = plan_shards(((n, s) for n, s, _ in tensors), dtype, shard_bytes)
     weight_map, total = {}, 0
@@ -55,19 +52,16 @@ def _write_shard(path: Path, shard: list, reader: dict, dtype: str, after_each) 
     code, size = SAFETENSORS_DTYPE[dtype]
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in shard:
-        nbytes = math.prod(shape) * size
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + math.prod(shape) * size]}
+        offset = header[name]["data_offsets"][1]
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data must start 8-byte aligned
-    target = getattr(torch, dtype)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for name, shape in shard:
             written = 0
             for chunk in reader[name]():
-                chunk = chunk.to(target).contiguous()
-                f.write(chunk.view(torch.uint8).numpy().data)
+                f.write(chunk.to(getattr(torch, dtype)).contiguous().view(torch.uint8).numpy().data)
                 written += chunk.numel()
             if written != math.prod(shape):
                 raise ValueError(f"{name}: read {written} values, planned {math.prod(shape)}")

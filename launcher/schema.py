@@ -7,6 +7,7 @@ no inheritance. Unknown keys, wrong types and out-of-range values are errors tha
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import re
@@ -23,23 +24,21 @@ def doc(text: str, check=None, default=dataclasses.MISSING, factory=dataclasses.
         convert=None):
     """A dataclass field carrying its one-line doc, an optional (predicate, message) check, whether it identifies the
     experiment (identity=False: a resumed run may change it) and an optional converter of its raw YAML value."""
-    meta = {"doc": text, "check": check, "identity": identity, "convert": convert}
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=default, default_factory=factory,
+                 metadata={"doc": text, "check": check, "identity": identity, "convert": convert})
 
 
 POSITIVE = (lambda v: v > 0, "must be > 0")
 FRACTION = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 
 
 @dataclass
 class RunSection:
     name: str = doc("Run name: names the run directory and the W&B run.", identity=False)
     output_dir: str | None = doc("Run directory; default runs/<name>. Checkpoints go under it.", default=None)
-    global_batch_size: int | None = doc(
-        "Fix the global batch; gradient accumulation is then derived per world size.", POSITIVE, default=None
-    )
+    global_batch_size: int | None = doc("Fix the global batch; gradient accumulation is then derived per world size.",
+                                        POSITIVE, default=None)
     consolidate: bool = doc("When training ends, merge the last checkpoint into <run dir>/final (a HF model).",
                             default=True, identity=False)
     resume: str = doc("For the first start only: auto continues from the run directory's newest complete checkpoint; "
@@ -54,8 +53,7 @@ class ModelSection:
     config: str | None = doc("Local config.json, for `plan` when name_or_path is a hub id.", default=None)
     tokenizer: str | None = doc("Tokenizer directory or hub id; default: name_or_path.", default=None)
     init: Literal["pretrained", "random"] = doc(
-        "pretrained: load weights; random: build from config.json (tiny test models).", default="pretrained"
-    )
+        "pretrained: load weights; random: build from config.json (tiny test models).", default="pretrained")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("Weights dtype when loading.", default="auto")
     attn_implementation: str | None = doc("eager, sdpa, flash_attention_2, ...; default: transformers'.", default=None)
     trust_remote_code: bool = doc("Run modelling code shipped with the model. Off unless you trust it.", default=False)
@@ -69,8 +67,7 @@ class DatasetSpec:
     weight: float = doc("Share of this dataset's rows to use: 0.5 = half, 2 = every row twice.", POSITIVE, default=1.0)
     columns: dict[str, str] = doc(
         "Rename columns to the expected ones: {messages: conversations} reads `conversations` as `messages`.",
-        factory=dict,
-    )
+        factory=dict)
 
 
 @dataclass
@@ -117,7 +114,7 @@ class SlurmSection:
     constraint: str | None = doc("Node features (`--constraint`).", default=None)
     exclusive: bool = doc("Whole nodes only (`--exclusive`).", default=False)
     signal_grace: int = doc("Seconds before the time limit at which the job checkpoints and requeues itself; "
-                            "0: never.", (lambda v: v >= 0, "must be >= 0"), default=300)
+                            "0: never.", NON_NEGATIVE, default=300)
     sbatch: list[str] = doc("More sbatch options, as on the command line: ['--mem=0', '--gres=gpu:8'].",
                             factory=list)
     setup: list[str] = doc("Shell lines run on the first node before training: module load, source venv, ...",
@@ -151,7 +148,7 @@ class HeadSection:
 class FreezeSection:
     embeddings: bool = doc("Freeze the embeddings (token, position, type).", default=False)
     all_but_last: int | None = doc("Freeze the embeddings and every transformer layer except the last K.",
-                                   (lambda v: v >= 0, "must be >= 0"), default=None)
+                                   NON_NEGATIVE, default=None)
     patterns: list[str] = doc("Freeze parameters whose names match these globs, e.g. '*.attention.*'.",
                               factory=list)
 
@@ -178,132 +175,92 @@ class Recipe:
 # --- conversion of plain YAML data into the dataclasses above, strictly -------------------------------------------
 
 
-def build(cls: type, data: Any, where: str, path: str = "") -> Any:
-    """Convert `data` (parsed YAML) into `cls`, raising RecipeError naming `where` and the dotted key."""
-    return _convert(cls, data, where, path)
-
-
-def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _convert_dataclass(tp, value, where, path)
+def build(cls: Any, data: Any, where: str, path: str = "") -> Any:
+    """Convert `data` (parsed YAML) into the type `cls`, raising RecipeError naming `where` and the dotted key."""
+    origin, args = typing.get_origin(cls), typing.get_args(cls)
+    if dataclasses.is_dataclass(cls):
+        return _build_dataclass(cls, data, where, path)
     if origin in (typing.Union, types.UnionType):
-        return _convert_union(typing.get_args(tp), value, where, path)
+        if data is None and type(None) in args:
+            return None
+        errors = []
+        for member in (a for a in args if a is not type(None)):
+            try:
+                return build(member, data, where, path)
+            except RecipeError as err:
+                errors.append(err)
+        raise errors[0]
     if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        fail(where, path, f"is {value!r}; must be one of {', '.join(map(str, typing.get_args(tp)))}")
+        if data in args:
+            return data
+        fail(where, path, f"is {data!r}; must be one of {', '.join(map(str, args))}")
     if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            fail(where, path, f"must be a list, got {_kind(value)}")
-        return [_convert(item, v, where, f"{path}.{i}") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            fail(where, path, f"must be a mapping, got {_kind(value)}")
-        return dict(value)
-    if tp is Any:
-        return value
-    return scalar(tp, value, where, path)
+        if not isinstance(data, list):
+            fail(where, path, f"must be a list, got {_kind(data)}")
+        return [build(args[0], v, where, f"{path}.{i}") for i, v in enumerate(data)]
+    if origin is dict or cls is dict:
+        if not isinstance(data, dict):
+            fail(where, path, f"must be a mapping, got {_kind(data)}")
+        return dict(data)
+    return data if cls is Any else scalar(cls, data, where, path)
 
 
-def _convert_dataclass(cls: type, value: Any, where: str, path: str) -> Any:
-    if value is None:
-        value = {}
+def _build_dataclass(cls: type, value: Any, where: str, path: str) -> Any:
+    value = {} if value is None else value
     if not isinstance(value, dict):
         fail(where, path, f"must be a mapping of keys, got {_kind(value)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    fields, hints = {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
     for key in value:
         if key not in fields:
             fail(where, _join(path, key), "is not a known key" + did_you_mean(key, fields))
     kwargs = {}
     for name, f in fields.items():
         key = _join(path, name)
-        if name not in value:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                fail(where, key, "is required")
-            continue
-        convert = f.metadata.get("convert")
-        kwargs[name] = convert(value[name], where) if convert else _convert(hints[name], value[name], where, key)
-        check = f.metadata.get("check")
-        if check and kwargs[name] is not None and not check[0](kwargs[name]):
-            fail(where, key, f"is {kwargs[name]!r}; {check[1]}")
+        if name in value:
+            convert = f.metadata.get("convert")
+            raw = convert(value[name], where) if convert else build(hints[name], value[name], where, key)
+            kwargs[name] = _checked(f.metadata.get("check"), raw, where, key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            fail(where, key, "is required")
     return cls(**kwargs)
 
 
-def _convert_union(members: tuple, value: Any, where: str, path: str) -> Any:
-    if value is None and type(None) in members:
-        return None
-    errors = []
-    for member in members:
-        if member is type(None):
-            continue
-        try:
-            return _convert(member, value, where, path)
-        except RecipeError as err:
-            errors.append(err)
-    raise errors[0]
+def _checked(check: tuple | None, value: Any, where: str, path: str) -> Any:
+    if check and value is not None and not check[0](value):
+        fail(where, path, f"is {value!r}; {check[1]}")
+    return value
 
 
 def scalar(tp: type, value: Any, where: str, path: str) -> Any:
     """Convert one scalar; strings from YAML or the command line are parsed, never guessed."""
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    try:
+        if tp is bool and (isinstance(value, bool) or str(value).lower() in ("true", "false")):
+            return value if isinstance(value, bool) else value.lower() == "true"
+        if tp is int and ((number and (isinstance(value, int) or value.is_integer())) or isinstance(value, str)):
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if tp is float and (number or isinstance(value, str)):  # PyYAML reads 1e-5 (no dot) as a string
             return float(value)
-        if isinstance(value, str):
-            try:  # PyYAML reads 1e-5 (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if tp is str and (isinstance(value, str) or number):
             return str(value)
+    except ValueError:
+        pass
     fail(where, path, f"must be {tp.__name__}, got {_kind(value)} {value!r}")
 
 
 # --- the `training` section: SFTConfig's own fields, read from TRL's source without importing it ------------------
 
 # Set by the launcher from other sections; a recipe setting them would be ignored or conflict.
-LAUNCHER_OWNED = {
-    "output_dir": "the run directory is run.output_dir",
-    "deepspeed": "the ZeRO config is deepspeed.config (and deepspeed.overrides)",
-    "use_cpu": "the launcher sets it when there is no GPU",
-    "local_rank": "the launcher sets it",
-    "run_name": "the W&B run name is wandb.name",
-}
+LAUNCHER_OWNED = {"output_dir": "the run directory is run.output_dir",
+                  "deepspeed": "the ZeRO config is deepspeed.config (and deepspeed.overrides)",
+                  "use_cpu": "the launcher sets it when there is no GPU", "local_rank": "the launcher sets it",
+                  "run_name": "the W&B run name is wandb.name"}
 
-TRAINING_CHECKS = {
-    "per_device_train_batch_size": POSITIVE,
-    "per_device_eval_batch_size": POSITIVE,
-    "gradient_accumulation_steps": POSITIVE,
-    "learning_rate": POSITIVE,
-    "num_train_epochs": POSITIVE,
-    "max_steps": (lambda v: v == -1 or v > 0, "must be -1 (use epochs) or > 0"),
-    "max_length": POSITIVE,
-    "logging_steps": POSITIVE,
-    "save_steps": POSITIVE,
-    "eval_steps": POSITIVE,
-    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
-    "max_grad_norm": (lambda v: v >= 0, "must be >= 0"),
-}
+TRAINING_CHECKS = {"max_steps": (lambda v: v == -1 or v > 0, "must be -1 (use epochs) or > 0"),
+                   "weight_decay": NON_NEGATIVE, "max_grad_norm": NON_NEGATIVE,
+                   **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",
+                                    "gradient_accumulation_steps", "num_train_epochs", "max_length", "logging_steps",
+                                    "save_steps", "eval_steps"), POSITIVE)}
 
 
 def training_args(raw: Any, where: str) -> dict[str, Any]:
@@ -312,30 +269,24 @@ def training_args(raw: Any, where: str) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         fail(where, "training", f"must be a mapping of SFTConfig arguments, got {_kind(raw)}")
-    known = sft_fields.fields()
-    out = {}
+    known, out = sft_fields.fields(), {}
     for key, value in raw.items():
         path = f"training.{key}"
         if key in LAUNCHER_OWNED:
             fail(where, path, f"is set by the launcher: {LAUNCHER_OWNED[key]}")
         if key not in known:
             fail(where, path, "is not an SFTConfig argument" + did_you_mean(key, known))
-        out[key] = _training_value(known[key].kinds, value, where, path)
-        check = TRAINING_CHECKS.get(key)
-        if check and out[key] is not None and not check[0](out[key]):
-            fail(where, path, f"is {out[key]!r}; {check[1]}")
+        value = _training_value(known[key].kinds, value, where, path)
+        out[key] = _checked(TRAINING_CHECKS.get(key), value, where, path)
     return out
 
 
 def _training_value(kinds: frozenset[str], value: Any, where: str, path: str) -> Any:
     if value is None and "none" in kinds:
         return None
-    for name, tp in (("bool", bool), ("int", int), ("float", float), ("str", str)):
-        if name in kinds:
-            try:
-                return scalar(tp, value, where, path)
-            except RecipeError:
-                continue
+    for tp in (t for t in (bool, int, float, str) if t.__name__ in kinds):
+        with contextlib.suppress(RecipeError):
+            return scalar(tp, value, where, path)
     if ("list" in kinds and isinstance(value, list)) or ("dict" in kinds and isinstance(value, dict)):
         return value
     fail(where, path, f"must be {' or '.join(sorted(kinds))}, got {_kind(value)} {value!r}")
@@ -355,11 +306,10 @@ GROW_ONLY = frozenset({"training.max_steps", "training.num_train_epochs"})  # a 
 
 def identifies(dotted: str) -> bool:
     """Whether a recipe key identifies the experiment: a resumed run refuses a change to it."""
-    section, _, rest = dotted.partition(".")
     if dotted in GROW_ONLY:
         return False
-    if section == "training":
-        return rest.split(".")[0] not in TRAINING_NOT_IDENTITY
+    if dotted.startswith("training."):
+        return dotted.split(".")[1] not in TRAINING_NOT_IDENTITY
     cls: Any = Recipe
     for part in dotted.split("."):
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
@@ -367,18 +317,9 @@ def identifies(dotted: str) -> bool:
             return True
         if not fields[part].metadata.get("identity", True):
             return False
-        cls = _dataclass_of(typing.get_type_hints(cls)[part])
+        tp = typing.get_type_hints(cls)[part]  # the section inside `X | None` or `list[X]`, else None
+        cls = next((a for a in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(a)), None)
     return True
-
-
-def _dataclass_of(tp: Any) -> Any:
-    """The dataclass inside a field's type (`X | None`, `list[X]`), or None."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
-
-
-# --- messages ---------------------------------------------------------------------------------------------------
 
 
 def fail(where: str, path: str, message: str) -> typing.NoReturn:
@@ -386,8 +327,7 @@ def fail(where: str, path: str, message: str) -> typing.NoReturn:
 
 
 def did_you_mean(key: str, choices) -> str:
-    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
-    if close:
+    if close := difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6):
         return f" (did you mean '{close[0]}'?)"
     return f" (valid: {', '.join(sorted(choices))})" if len(choices) <= 12 else ""
 

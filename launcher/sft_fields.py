@@ -16,11 +16,8 @@ from typing import Any
 NO_DEFAULT = object()
 
 # Where each class of SFTConfig's inheritance chain is defined, base first (later classes override defaults).
-CHAIN = (
-    ("transformers", "training_args.py", "TrainingArguments"),
-    ("trl", "trainer/base_config.py", "_BaseConfig"),
-    ("trl", "trainer/sft_config.py", "SFTConfig"),
-)
+CHAIN = (("transformers", "training_args.py", "TrainingArguments"), ("trl", "trainer/base_config.py", "_BaseConfig"),
+         ("trl", "trainer/sft_config.py", "SFTConfig"))
 
 
 @dataclass(frozen=True)
@@ -32,10 +29,7 @@ class Field:
 
 @functools.cache
 def fields() -> dict[str, Field]:
-    out: dict[str, Field] = {}
-    for link in CHAIN:
-        out.update(_fields_of(*link))
-    return out
+    return {name: field for link in CHAIN for name, field in _fields_of(*link).items()}
 
 
 @functools.cache
@@ -44,44 +38,32 @@ def sft_only() -> frozenset[str]:
     return frozenset(set(fields()) - set(_fields_of(*CHAIN[0])))
 
 
-@functools.cache
-def _fields_of(package: str, module: str, cls: str) -> dict[str, Field]:
-    return _class_fields(_package_dir(package) / module, cls)
-
-
 def default(name: str) -> Any:
     """SFTConfig's default for `name` (NO_DEFAULT when it is not a literal)."""
     return fields()[name].default
 
 
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
+@functools.cache
+def _fields_of(package: str, module: str, cls: str) -> dict[str, Field]:
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"{name} is not installed; install the launcher's dependencies (see README)")
-    return Path(spec.submodule_search_locations[0])
-
-
-def _class_fields(path: Path, cls: str) -> dict[str, Field]:
-    tree = ast.parse(path.read_text())
+        raise RuntimeError(f"{package} is not installed; install the launcher's dependencies (see README)")
+    tree = ast.parse((Path(spec.submodule_search_locations[0]) / module).read_text())
     node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
-    out = {}
-    for stmt in node.body:
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            out[stmt.target.id] = Field(_kinds(stmt.annotation), _default(stmt.value), _help(stmt.value))
-    return out
+    return {stmt.target.id: _field(stmt) for stmt in node.body
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
+
+
+KINDS = {"bool": "bool", "int": "int", "float": "float", "None": "none", "list": "list", "dict": "dict"}
 
 
 def _kinds(annotation: ast.expr) -> frozenset[str]:
     """Map an annotation like `int | str | None` to plain kinds; enums and Literal strings count as str."""
-    kinds = set()
-    for name in _names(annotation):
-        kinds.add({"bool": "bool", "int": "int", "float": "float", "None": "none", "list": "list",
-                   "dict": "dict", "Any": "any"}.get(name, "str"))
-    if "any" in kinds:
-        kinds |= {"bool", "int", "float", "str", "list", "dict", "none"}
-    if "float" in kinds:
-        kinds.add("int")
-    return frozenset(kinds - {"any"})
+    names = _names(annotation)
+    if "Any" in names:
+        return frozenset({*KINDS.values(), "str"})
+    kinds = {KINDS.get(name, "str") for name in names}
+    return frozenset(kinds | {"int"} if "float" in kinds else kinds)
 
 
 def _names(node: ast.expr) -> list[str]:
@@ -89,11 +71,10 @@ def _names(node: ast.expr) -> list[str]:
         return _names(node.left) + _names(node.right)
     if isinstance(node, ast.Subscript):
         base = ast.unparse(node.value)
+        elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
         if base in ("Optional", "Union"):
-            elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
             return [n for e in elts for n in _names(e)] + (["None"] if base == "Optional" else [])
         if base == "Literal":
-            elts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
             return ["bool" if isinstance(getattr(e, "value", None), bool) else "str" for e in elts]
         return [base]
     if isinstance(node, ast.Constant) and node.value is None:
@@ -101,27 +82,18 @@ def _names(node: ast.expr) -> list[str]:
     return [ast.unparse(node).rsplit(".", 1)[-1]]
 
 
-def _default(value: ast.expr | None) -> Any:
-    if value is None:
-        return NO_DEFAULT
+def _field(stmt: ast.AnnAssign) -> Field:
+    """`name: kind = value` or `= field(default=..., metadata={"help": ...})`; only literals are read."""
+    value, keywords = stmt.value, {}
     if isinstance(value, ast.Call) and ast.unparse(value.func) == "field":
-        value = next((kw.value for kw in value.keywords if kw.arg == "default"), None)
-        if value is None:
-            return NO_DEFAULT
+        keywords = {kw.arg: kw.value for kw in value.keywords}
+        value = keywords.get("default")
     try:
-        return ast.literal_eval(value)
+        default = NO_DEFAULT if value is None else ast.literal_eval(value)
     except ValueError:
-        return NO_DEFAULT
-
-
-def _help(value: ast.expr | None) -> str:
-    """The literal "help" entry of `field(metadata={...})`; other entries may not be literals."""
-    if not (isinstance(value, ast.Call) and ast.unparse(value.func) == "field"):
-        return ""
-    meta = next((kw.value for kw in value.keywords if kw.arg == "metadata"), None)
-    if not isinstance(meta, ast.Dict):
-        return ""
-    for key, text in zip(meta.keys, meta.values, strict=True):
-        if isinstance(key, ast.Constant) and key.value == "help" and isinstance(text, ast.Constant):
-            return str(text.value)
-    return ""
+        default = NO_DEFAULT
+    meta = keywords.get("metadata")
+    helps = [str(text.value) for key, text in zip(meta.keys, meta.values, strict=True)
+             if isinstance(key, ast.Constant) and key.value == "help" and isinstance(text, ast.Constant)
+             ] if isinstance(meta, ast.Dict) else []
+    return Field(_kinds(stmt.annotation), default, helps[0] if helps else "")

@@ -1,5 +1,4 @@
-"""`submit`: the job script rendered from the shipped template (slurm/job.sbatch in a checkout) and the validated
-recipe, and the calls to Slurm."""
+"""`submit`: the job script, rendered from the shipped template and the validated recipe, and the calls to Slurm."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from launcher import assets
 from launcher.errors import RecipeError
 from launcher.schema import SlurmSection
 
-TEMPLATE = assets.job_template_path()  # package data; slurm/job.sbatch in a checkout
 SCRIPT = "job.sbatch"
 
 CONSOLIDATE = """
@@ -39,44 +37,30 @@ def render(run_dir: Path, name: str, options: SlurmSection, consolidate: bool, g
            array: list[Path] | None = None, max_parallel: int | None = None) -> str:
     """The job script. With `array` (the sweep's run directories), one job array: task i trains array[i], at most
     `max_parallel` at a time; run_dir is then the sweep directory, for the logs and the job's comment."""
-    options_lines = sbatch_options(options, gpus) + ([array_option(len(array), max_parallel)] if array else [])
+    parallel = f"%{max_parallel}" if max_parallel else ""
+    options_lines = sbatch_options(options, gpus) + ([f"--array=0-{len(array) - 1}{parallel}"] if array else [])
     dirs = "\n".join("    '" + str(d).replace("'", "'\\''") + "'" for d in array or [])  # quoted, even a=b
     set_run_dir = ARRAY_RUN_DIR.format(dirs=dirs).rstrip() if array else f"export RUN_DIR={shlex.quote(str(run_dir))}"
-    values = {
-        "JOB_NAME": name,
-        "NODES": str(options.nodes),
-        "LOG": log_pattern(run_dir, bool(array)),
-        "COMMENT": f"launcher:{run_dir}",
-        "SBATCH_OPTIONS": "\n".join(f"#SBATCH {o}" for o in options_lines),
-        "SETUP": "\n".join(options.setup) or "# (none)",
-        "RUN_DIR": set_run_dir,
-        "PYTHON": shlex.quote(sys.executable),
-        "PROCS": str(options.gpus_per_node),
-        "CONSOLIDATE": CONSOLIDATE if consolidate else "",
-    }
-    text = assets.job_template()
+    values = {"JOB_NAME": name, "NODES": str(options.nodes), "LOG": log_pattern(run_dir, bool(array)),
+              "COMMENT": f"launcher:{run_dir}", "SBATCH_OPTIONS": "\n".join(f"#SBATCH {o}" for o in options_lines),
+              "SETUP": "\n".join(options.setup) or "# (none)", "RUN_DIR": set_run_dir,
+              "PYTHON": shlex.quote(sys.executable), "PROCS": str(options.gpus_per_node),
+              "CONSOLIDATE": CONSOLIDATE if consolidate else ""}
+    text = (assets.shipped() / "job.sbatch").read_text()  # slurm/job.sbatch in a checkout
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
     if "{{" in text:
-        raise RuntimeError(f"{TEMPLATE}: placeholder left unfilled: {text[text.index('{{'):][:40]}")
+        raise RuntimeError(f"job template: placeholder left unfilled: {text[text.index('{{'):][:40]}")
     return text
 
 
 def sbatch_options(options: SlurmSection, gpus: bool) -> list[str]:
     out = [f"--gpus-per-node={options.gpus_per_node}"] if gpus else []
-    for key in ("partition", "time", "account", "qos", "constraint"):
-        value = getattr(options, key)
-        if value is not None:
-            out.append(f"--{key}={value}")
-    if options.exclusive:
-        out.append("--exclusive")
-    if options.signal_grace:
-        out.append(f"--signal=B:USR1@{options.signal_grace}")
+    values = {key: getattr(options, key) for key in ("partition", "time", "account", "qos", "constraint")}
+    out += [f"--{key}={value}" for key, value in values.items() if value is not None]
+    out += ["--exclusive"] if options.exclusive else []
+    out += [f"--signal=B:USR1@{options.signal_grace}"] if options.signal_grace else []
     return out + options.sbatch  # each checked by rules.check_sbatch
-
-
-def array_option(tasks: int, max_parallel: int | None) -> str:
-    return f"--array=0-{tasks - 1}" + (f"%{max_parallel}" if max_parallel else "")
 
 
 def cluster_has_gpus() -> bool:
@@ -90,10 +74,14 @@ def cluster_has_gpus() -> bool:
 
 def refuse_active_job(run_dir: Path) -> None:
     """Two jobs training into one run directory would overwrite each other's checkpoints."""
-    active = active_job_for(run_dir) if shutil.which("squeue") else None
-    if active:
-        raise RecipeError(f"{run_dir}: job {active} is already training into this run directory; wait for it or "
-                          f"cancel it (scancel {active})")
+    if shutil.which("squeue") is None:
+        return
+    result = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True, timeout=30)
+    for line in result.stdout.splitlines():
+        job, _, comment = line.partition(" ")
+        if comment.strip() == f"launcher:{run_dir}":
+            raise RecipeError(f"{run_dir}: job {job} is already training into this run directory; wait for it or "
+                              f"cancel it (scancel {job})")
 
 
 def job_log(run_dir: Path, name: str, job: str, array: bool = False) -> str:
@@ -101,25 +89,12 @@ def job_log(run_dir: Path, name: str, job: str, array: bool = False) -> str:
     return log_pattern(run_dir, array).replace("%x", name).replace("%j", job).replace("%A", job)
 
 
-def active_job_for(run_dir: Path) -> str | None:
-    """A queued or running job already training into this run directory (two would overwrite each other)."""
-    result = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True, timeout=30)
-    for line in result.stdout.splitlines():
-        job, _, comment = line.partition(" ")
-        if comment.strip() == f"launcher:{run_dir}":
-            return job
-    return None
-
-
 def job_state(job: str) -> str | None:
     """JobState of a job or array task (`123_4`) while the controller remembers it (MinJobAge), else None."""
     if shutil.which("scontrol") is None:
         return None
     result = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
-    for field in result.stdout.split():
-        if field.startswith("JobState="):
-            return field.split("=", 1)[1]
-    return None
+    return next((f.split("=", 1)[1] for f in result.stdout.split() if f.startswith("JobState=")), None)
 
 
 def sbatch(script: Path) -> str:

@@ -1,9 +1,7 @@
-"""The variants of a sweep, from the command line: `--grid 'section.key=[v1, v2] ...'` (every combination) or
-`--random N --space 'section.key=loguniform(1e-5, 1e-3) ...'` (N seeded draws), and their short names.
-
-Values are YAML flow syntax: [1e-5, 3e-5], [true, false], [cosine, "a b, c"], [[q_proj, v_proj], all-linear]; a
-distribution's arguments are read as the flow list [its arguments]. A value runs to the next blank followed by
-section.key=, so it may hold spaces.
+"""The variants of a sweep from the command line, and their short names: `--grid 'section.key=[v1, v2] ...'` (every
+combination) or `--random N --space 'section.key=loguniform(1e-5, 1e-3) ...'` (N seeded draws). Values are YAML flow
+syntax ([1e-5, 3e-5], [true, false], [cosine, "a b, c"], [[q_proj, v_proj], all-linear]); a distribution's arguments
+are read as the flow list [its arguments]. A value runs to the next blank followed by section.key=: it may hold spaces.
 """
 
 from __future__ import annotations
@@ -47,16 +45,14 @@ def parse_assignments(text: Any, flag: str, example: str) -> dict[str, str]:
     first, *terms = _KEY.split(text.strip())
     if first:
         raise RecipeError(f"command line: {flag}: expected section.key=... at {text.strip()!r}; e.g. {example}")
-    out: dict[str, str] = {}
-    for key, value in zip(terms[::2], terms[1::2], strict=True):
-        if key in out:
+    keys = terms[::2]
+    for i, key in enumerate(keys):
+        if key in keys[:i]:
             raise RecipeError(f"command line: {flag}: {key} is given twice")
-        out[key] = value.strip()
-    return out
+    return {key: value.strip() for key, value in zip(keys, terms[1::2], strict=True)}
 
 
 def parse_value(text: str, flag: str, key: str) -> Any:
-    """One value in YAML flow syntax, typed as python-fire types a command-line value."""
     try:
         return yaml.load(text, _Loader)  # a SafeLoader
     except yaml.MarkedYAMLError as err:
@@ -64,21 +60,20 @@ def parse_value(text: str, flag: str, key: str) -> Any:
         if mark and opened and mark.index == len(text) and text[opened.index] in _CLOSE:  # still open at the end
             raise RecipeError(f"command line: {flag}: {key}= is missing a closing "
                               f"{_CLOSE[text[opened.index]]!r}") from None
-        at = f" at {text[mark.index:]!r}" if mark else ""
-        raise RecipeError(f"command line: {flag}: {key}= is not YAML flow syntax: {err.problem}{at}") from None
+        problem = f"{err.problem}" + (f" at {text[mark.index:]!r}" if mark else "")
     except yaml.YAMLError as err:  # a control character, say
-        raise RecipeError(f"command line: {flag}: {key}= is not YAML flow syntax: {' '.join(str(err).split())}") \
-            from None
+        problem = " ".join(str(err).split())
+    raise RecipeError(f"command line: {flag}: {key}= is not YAML flow syntax: {problem}")
 
 
 def parse_grid(text: Any) -> dict[str, list]:
     grid = {}
     for key, value in parse_assignments(text, "--grid", GRID_EXAMPLE).items():
-        grid[key] = parse_value(value, "--grid", key)
-        if not isinstance(grid[key], list):
+        grid[key] = values = parse_value(value, "--grid", key)
+        if not isinstance(values, list):
             raise RecipeError(f"command line: --grid: {key}={value} is not a list of values in brackets, like "
                               f"{key}=[1,2]")
-        if not grid[key]:
+        if not values:
             raise RecipeError(f"command line: --grid: {key}=[] lists no values")
     return grid
 
@@ -92,68 +87,48 @@ def parse_space(text: Any) -> dict[str, tuple[str, list]]:
                               f"{', '.join(f'{d}(...)' for d in DISTRIBUTIONS)}")
         if not value.endswith(")"):
             raise RecipeError(f"command line: --space: {key}= is missing a closing ')'")
-        args = parse_value(f"[{match.group(2)[:-1]}]", "--space", key)
-        space[key] = (match.group(1), _check_distribution(key, match.group(1), args))
+        kind, args = match.group(1), parse_value(f"[{match.group(2)[:-1]}]", "--space", key)
+        where = f"command line: --space: {key}={kind}({', '.join(map(str, args))})"
+        numeric = len(args) == 2 and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+        if kind == "choice" and not args:
+            raise RecipeError(f"{where} offers no values")
+        if kind != "choice" and (not numeric or args[0] > args[1]):
+            raise RecipeError(f"{where} needs two numbers, low <= high")
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            raise RecipeError(f"{where} needs two integers")
+        if kind == "loguniform" and args[0] <= 0:
+            raise RecipeError(f"{where} needs low > 0")
+        space[key] = (kind, args)
     return space
 
 
-def _check_distribution(key: str, kind: str, args: list) -> list:
-    where = f"command line: --space: {key}={kind}({', '.join(map(str, args))})"
-    if kind == "choice":
-        if not args:
-            raise RecipeError(f"{where} offers no values")
-        return args
-    numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
-    if len(args) != 2 or not numeric or args[0] > args[1]:
-        raise RecipeError(f"{where} needs two numbers, low <= high")
-    if kind == "randint" and not all(isinstance(a, int) for a in args):
-        raise RecipeError(f"{where} needs two integers")
-    if kind == "loguniform" and args[0] <= 0:
-        raise RecipeError(f"{where} needs low > 0")
-    return args
-
-
-# --- the variants ----------------------------------------------------------------------------------------------
-
 def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
-    """The cartesian product, the last key varying fastest."""
     return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
 def sample(kind: str, args: list, rng: random.Random) -> Any:
-    if kind == "choice":
-        return rng.choice(args)
-    if kind == "randint":
-        return rng.randint(*args)
+    if kind in ("choice", "randint"):
+        return rng.choice(args) if kind == "choice" else rng.randint(*args)
     low, high = args
     x = math.exp(rng.uniform(math.log(low), math.log(high))) if kind == "loguniform" else rng.uniform(low, high)
     return min(max(float(f"{x:.4g}"), low), high)  # 4 digits: readable names, and still in range after rounding
 
 
 def random_points(space: dict[str, tuple[str, list]], count: int, seed: int) -> list[dict[str, Any]]:
-    """`count` distinct draws; the same seed gives the same draws."""
-    rng = random.Random(seed)
-    points: list[dict[str, Any]] = []
-    seen = set()
+    rng, points = random.Random(seed), {}
     for _ in range(count * 100):
         point = {key: sample(kind, args, rng) for key, (kind, args) in space.items()}
-        if json.dumps(point) not in seen:  # a repeat would train the same variant twice
-            seen.add(json.dumps(point))
-            points.append(point)
-            if len(points) == count:
-                return points
+        points.setdefault(json.dumps(point), point)  # a repeat would train the same variant twice
+        if len(points) == count:
+            return list(points.values())
     raise RecipeError(f"command line: --random {count}: the space has only {len(points)} distinct points; ask for "
                       "fewer, or use --grid")
 
 
 def short(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
     if isinstance(value, (list, tuple)):
         return "+".join(map(short, value))
-    return str(value)
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def variant_name(index: int, width: int, point: dict[str, Any]) -> str:

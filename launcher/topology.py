@@ -42,8 +42,7 @@ def from_flags(nproc_per_node=None, nnodes=1, node_rank=0, master_addr="127.0.0.
     port = _positive("--master_port", master_port)
     rank = _positive("--node_rank", node_rank, minimum=0)
     if hostfile is not None:
-        slots = read_hostfile(str(hostfile))
-        return Topology(slots, rank, str(master_addr), port, str(Path(hostfile).absolute()))
+        return Topology(read_hostfile(str(hostfile)), rank, str(master_addr), port, str(Path(hostfile).absolute()))
     per_node = _positive("--nproc_per_node", nproc_per_node) if nproc_per_node is not None else local_devices() or 1
     if rank >= nnodes:
         raise RecipeError(f"command line: --node_rank {rank} must be below --nnodes {nnodes}")
@@ -84,11 +83,9 @@ def local_devices() -> int:
 
 
 def rank_env(topology: Topology) -> dict[str, str]:
-    """Environment the launcher adds for the ranks, where the user has not set it.
-
-    On CPU, each rank gets its share of the cores: oversubscribed threads made training 6.4x slower here. torch's C++
-    layer logs a stack dump at warning level from every surviving rank when one rank dies, burying the real error:
-    only its errors are shown."""
+    """Environment the launcher adds for the ranks, where the user has not set it. On CPU, each rank gets its share
+    of the cores: oversubscribed threads made training 6.4x slower here. torch's C++ layer logs a stack dump at
+    warning level from every surviving rank when one rank dies, burying the real error: only its errors are shown."""
     env = {} if "TORCH_CPP_LOG_LEVEL" in os.environ else {"TORCH_CPP_LOG_LEVEL": "ERROR"}
     if local_devices() or "OMP_NUM_THREADS" in os.environ:
         return env
@@ -104,7 +101,8 @@ def generated_hostfile(topology: Topology) -> str:
 
 def deepspeed_command(topology: Topology, worker_args: list[str], hostfile: str | None) -> list[str]:
     """The exact `deepspeed` launcher invocation for this node."""
-    cmd = [deepspeed_executable()]
+    beside = Path(sys.executable).parent / "deepspeed"  # this environment's script: its shebang is this interpreter
+    cmd = [str(beside) if beside.exists() else "deepspeed"]
     if topology.hostfile:
         cmd += ["--hostfile", topology.hostfile, "--master_addr", topology.master_addr]
     elif topology.nnodes > 1:
@@ -112,14 +110,7 @@ def deepspeed_command(topology: Topology, worker_args: list[str], hostfile: str 
                 "--master_addr", topology.master_addr]
     else:
         cmd += ["--num_nodes", "1", "--num_gpus", str(topology.slots[0])]
-    cmd += ["--master_port", str(topology.master_port), "--module", "launcher.train", *worker_args]
-    return cmd
-
-
-def deepspeed_executable() -> str:
-    """The `deepspeed` script of this Python environment (its shebang is this interpreter)."""
-    beside = Path(sys.executable).parent / "deepspeed"
-    return str(beside) if beside.exists() else "deepspeed"
+    return [*cmd, "--master_port", str(topology.master_port), "--module", "launcher.train", *worker_args]
 
 
 def shell_line(env: dict[str, str], cmd: list[str]) -> str:

@@ -17,8 +17,6 @@ from launcher.errors import RecipeError
 from launcher.rundir import write_atomic
 from launcher.schema import Recipe
 
-RECORD = "wandb.json"
-
 # Dense bf16 peak FLOP/s per device, for model FLOPs utilisation; devices not listed get no MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
               "V100": 125e12}
@@ -35,22 +33,17 @@ def check_credentials(recipe: Recipe, where: str) -> None:
                           "`wandb login`, or use wandb.mode: offline (and `wandb sync` later)")
 
 
-def default_name(recipe: Recipe) -> str:
-    job = os.environ.get("SLURM_JOB_ID")
-    return f"{recipe.run.name}-{job}" if job else f"{recipe.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def start(recipe: Recipe, run_dir: Path, config: dict):
     """Open (or continue) this run's W&B run; rank 0 only. The id stored in the run directory makes a resumed or
     requeued job continue the same W&B run rather than start a second one."""
     import wandb
 
-    w = recipe.wandb
-    record = run_dir / RECORD
+    w, record, job = recipe.wandb, run_dir / "wandb.json", os.environ.get("SLURM_JOB_ID")
     stored = json.loads(record.read_text()) if record.is_file() else {}
-    run = wandb.init(project=w.project, entity=w.entity, name=stored.get("name") or w.name or default_name(recipe),
-                     group=w.group, tags=w.tags, notes=w.notes, mode=w.mode, dir=str(run_dir),
-                     id=stored.get("id") or uuid.uuid4().hex[:8], resume="allow", config=config)
+    name = stored.get("name") or w.name or f"{recipe.run.name}-{job or time.strftime('%Y%m%d-%H%M%S')}"
+    run = wandb.init(project=w.project, entity=w.entity, name=name, group=w.group, tags=w.tags, notes=w.notes,
+                     mode=w.mode, dir=str(run_dir), id=stored.get("id") or uuid.uuid4().hex[:8], resume="allow",
+                     config=config)
     run.define_metric("*", step_metric="train/global_step", step_sync=True)
     write_atomic(record, json.dumps({"id": run.id, "name": run.name, "project": w.project, "entity": w.entity,
                                      "mode": w.mode, "url": run.url}, indent=2) + "\n")
@@ -66,26 +59,18 @@ def run_config(recipe_dict: dict, ds: dict, world: int, nodes: int, batch: str, 
             "versions": env.get("versions"), "git": env.get("git"), "slurm": slurm or None}
 
 
-def peak_flops() -> float | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
 def make_callback(run, world: int, params: int):
     """Logs what the trainer logs, plus throughput: tokens/s overall and per device (TRL's `num_tokens`, or the HF
     Trainer's non-padding `num_input_tokens_seen`, counts non-padding tokens over all ranks), and on known GPUs the
     model FLOPs utilisation, 6 x params x tokens/s over the devices' peak."""
+    import torch
     from transformers import TrainerCallback
 
-    peak = peak_flops()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in device), None)
 
     class Tracker(TrainerCallback):
-        def __init__(self):
-            self.last = None  # (time, num_tokens) at the previous log
+        last = None  # (time, num_tokens) at the previous log
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.last = (time.monotonic(), None)
@@ -93,9 +78,8 @@ def make_callback(run, world: int, params: int):
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
             tokens = logs.get("num_tokens", logs.get("num_input_tokens_seen"))  # TRL's, else the HF Trainer's
-            now = time.monotonic()
             if tokens is not None and self.last is not None:
-                since, before = self.last
+                (since, before), now = self.last, time.monotonic()
                 counted = tokens - before if before is not None and tokens >= before else tokens
                 rate = counted / max(now - since, 1e-9)
                 logs.update(tokens_per_second=rate, tokens_per_second_per_device=rate / world)

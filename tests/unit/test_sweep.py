@@ -149,7 +149,7 @@ def test_a_different_sweep_in_the_same_directory_is_refused(recipe_factory):
     recipe = recipe_factory()
     points = spaces.grid_points(spaces.parse_grid("training.learning_rate=[1e-3,3e-3]"))
     first = sweeps.build(str(recipe), {}, points, {})
-    sweeps.write_manifest(first.directory, sweeps.manifest(first))
+    sweeps.write_manifest(first.directory, sweeps.open_manifest(first))
     same = cli("sweep", recipe, "--grid", "training.learning_rate=[1e-3,3e-3]", "--dry_run")
     assert same.returncode == 0, same.stderr
     other = cli("sweep", recipe, "--grid", "training.learning_rate=[1e-3,5e-3]", "--dry_run")

@@ -140,3 +140,9 @@ def test_online_wandb_without_a_key_is_refused_before_launch(recipe_factory, tmp
 def test_report_to_wandb_is_left_to_the_wandb_section(recipe_factory):
     assert_rejected(cli("plan", recipe_factory(training={"report_to": ["wandb"]})), "training.report_to",
                     "wandb section")
+
+
+def test_plan_runs_every_cross_field_rule_even_the_cluster_ones(recipe_factory):
+    """A bad sbatch option was caught only at submit; every rule lives in one place now, and plan runs it."""
+    assert_rejected(cli("plan", recipe_factory(slurm={"sbatch": ["mem=0"]})), "slurm.sbatch", "'mem=0'",
+                    "one sbatch option")

@@ -1,0 +1,203 @@
+"""What the dry run prints: its report (one PASS/FAIL line per stage), and the inspections of what the worker's
+`build` made: token lengths, the tokens that carry loss, an example, LoRA targets, labels, generated answers."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import resource
+import statistics
+import traceback
+from pathlib import Path
+
+from launcher import data, ds_config, freeze, modeling
+from launcher.errors import RecipeError
+
+NEW_TOKENS = 8
+SHOWN_CHARS = 700  # of the rendered example: the report stays about one screen
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: str, message: str, bad_input: bool):
+        super().__init__(message)
+        self.stage, self.message, self.bad_input = stage, message, bad_input
+
+
+class Report:
+    """Stage lines in order; a failing stage raises StageFailed out of `stage()` with its message."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.notes: list[str] = []
+        self.run_dir: Path | None = None  # once it exists, a failing stage's traceback is saved there
+
+    def add(self, stage: str, text: str, ok: bool = True) -> None:
+        self.lines.append(f"{'PASS' if ok else 'FAIL'}  {stage:<15} {text}")
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        try:
+            yield
+        except StageFailed:
+            raise
+        except Exception as err:  # any error ends the dry run at this stage, said in one line
+            message = (str(err).strip().splitlines() or [type(err).__name__])[0][:400]
+            if not isinstance(err, RecipeError):
+                message = f"{type(err).__name__}: {message}"
+                if self.run_dir is not None and self.run_dir.is_dir():
+                    saved = self.run_dir / "dry-run.traceback"
+                    saved.write_text(traceback.format_exc())
+                    message += f" [traceback: {saved}]"
+            raise StageFailed(name, message, isinstance(err, RecipeError)) from err
+
+    def fail(self, name: str, message: str) -> None:
+        raise StageFailed(name, message, True)
+
+    def render(self) -> str:
+        notes = [f"note  {n}" for n in self.notes]
+        return "\n".join(["--- dry run report", *notes, *self.lines])
+
+
+def inspect_sft(report: Report, dry, built) -> None:
+    """What TRL prepared (the dataset training sees): lengths before truncation, the tokens that carry loss, an
+    example, and the LoRA adapters."""
+    trainer = built.trainer
+    with report.stage("loss tokens"):
+        lengths = untruncated_lengths(trainer.processing_class, built.train_set)
+        rows_in = None if trainer.args.packing else len(built.train_set)
+        token_stats(report, lengths, trainer.train_dataset, trainer.args.max_length, rows_in)
+        report.lines.append("      example (loss on «...»): " + render_example(built.tokenizer, trainer.train_dataset))
+    with report.stage("LoRA targets"):
+        lora_line(report, trainer.model, dry)
+
+
+def inspect_head(report: Report, dry, built) -> None:
+    """A classification or regression head: token lengths, labels seen, what trains."""
+    train_set = built.train_set
+    lengths = [len(ids) for ids in built.tokenizer(list(train_set["text"]))["input_ids"]]
+    length_line(report, lengths, ds_config.training_value(dry, "max_length"))
+    with report.stage("labels"):
+        if dry.task == "classification":
+            seen = {name: 0 for name in dry.head.labels}
+            for value in train_set["label"]:
+                seen[dry.head.labels[data.label_id(value, dry.head.labels)]] += 1
+            text = ", ".join(f"{name} {n}" for name, n in seen.items())
+            missing = [name for name, n in seen.items() if n == 0]
+            report.add("labels", f"in the first {len(train_set)} rows: {text}"
+                       + (f" (none of {', '.join(missing)} here)" if missing else ""))
+        else:
+            values = [float(v) for v in train_set["label"]]
+            report.add("labels", f"regression targets from {min(values):.4g} to {max(values):.4g}")
+        report.lines.append(f"      example: {train_set[0]['text'][:SHOWN_CHARS]!r} -> {train_set[0]['label']!r}")
+    report.add("trainable", freeze.describe(*built.trainable))
+
+
+def predict(model, tokenizer, row: dict, task: str) -> str:
+    """The reloaded head's answer for the first row."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(**tokenizer(row["text"], return_tensors="pt", truncation=True)).logits[0]
+    answer = f"{logits.item():.4g}" if task == "regression" else model.config.id2label[int(logits.argmax())]
+    return f"{row['text'][:80]!r} -> {answer} (label {row['label']!r})"
+
+
+def untruncated_lengths(tokenizer, rows) -> list[int]:
+    """Tokens per row before truncation, rendered as TRL renders it (chat template for conversations)."""
+    def length(row: dict) -> int:
+        turns = row.get("messages") or (row["prompt"] + row["completion"] if isinstance(row.get("prompt"), list)
+                                        else None)
+        if turns is not None:
+            return len(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"])
+        return len(tokenizer(row.get("text") or row["prompt"] + row["completion"])["input_ids"])
+
+    return [length(row) for row in rows]
+
+
+def length_line(report: Report, lengths: list[int], max_length: int | None, dropped: int = 0) -> None:
+    """Tokens per example before truncation, against max_length; fails when every example would be cut."""
+    lengths = sorted(lengths)
+    over = sum(n > (max_length or math.inf) for n in lengths)
+    line = (f"min {lengths[0]} / median {statistics.median(lengths):.0f} / max {lengths[-1]} against max_length "
+            f"{max_length}; {over / len(lengths):.0%} truncated")
+    if dropped:
+        line += f"; TRL dropped {dropped} rows left without loss tokens by truncation"
+    if over == len(lengths) or dropped == len(lengths):
+        report.fail("tokens/example", line + ": every example is cut at max_length; raise training.max_length or "
+                    "shorten the data")
+    report.add("tokens/example", line)
+
+
+def token_stats(report: Report, lengths: list[int], prepared, max_length: int | None, rows: int | None) -> None:
+    """Lengths before truncation, and the share of tokens carrying loss after it. rows: how many went in, to count
+    those TRL dropped (None when packing joins them)."""
+    length_line(report, lengths, max_length, rows - len(prepared) if rows is not None else 0)
+    total = sum(len(labels) for labels in prepared["labels"])
+    carrying = sum(label != -100 for labels in prepared["labels"] for label in labels)
+    share = carrying / total if total else 0.0
+    text = f"{share:.1%} of {total:,} tokens carry loss"
+    if share == 0:
+        report.fail("loss tokens", text + ": the chat template or completion-only masking masks everything")
+    if share == 1:
+        text += " (every token: the model also learns the prompts; assistant_only_loss is off)"
+    report.add("loss tokens", text)
+
+
+def render_example(tokenizer, prepared) -> str:
+    """The shortest prepared example decoded, with the spans that carry loss in «»."""
+    row = min(prepared, key=lambda r: len(r["input_ids"]))
+    pieces = []
+    for carrying, group in itertools.groupby(zip(row["input_ids"], row["labels"], strict=False),
+                                             key=lambda pair: pair[1] != -100):
+        text = tokenizer.decode([token for token, _ in group])
+        pieces.append(f"«{text}»" if carrying else text)
+    text = "".join(pieces).replace("\n", "\\n")
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS // 2] + " [...] " + text[-SHOWN_CHARS // 2 :]
+
+
+def lora_line(report: Report, model, recipe) -> None:
+    total, trainable = modeling.parameter_count(model), modeling.parameter_count(model, trainable_only=True)
+    if recipe.lora is None:
+        report.add("LoRA targets", f"none (full fine-tune); {trainable:,} of {total:,} parameters trainable")
+        return
+    adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    if not adapted:
+        report.fail("LoRA targets", f"lora.target_modules {recipe.lora.target_modules} adapted no module")
+    report.add("LoRA targets", f"{len(adapted)} modules ({', '.join(kinds)}); {trainable:,} of {total:,} parameters "
+               f"trainable ({trainable / total:.2%})")
+
+
+def measured_memory() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU peak (torch.cuda.max_memory_allocated)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB peak RSS (CPU)"
+
+
+def generate(model, tokenizer, row: dict) -> str:
+    """Greedy tokens for the first prompt of the data: the user turns before the first answer, or the prompt."""
+    if "messages" in row:
+        turns = row["messages"]
+        first_answer = next(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        prompt_turns, shown = turns[:first_answer], turns[first_answer - 1]["content"] if first_answer else ""
+    elif isinstance(row.get("prompt"), list):
+        prompt_turns, shown = row["prompt"], row["prompt"][-1]["content"]
+    else:
+        prompt_turns, shown = None, (row.get("prompt") or row.get("text", ""))[:80]
+    if prompt_turns is not None and tokenizer.chat_template:
+        inputs = tokenizer.apply_chat_template(prompt_turns, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+    else:
+        inputs = tokenizer(shown, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    new = output[0, inputs["input_ids"].shape[1] :]
+    if len(new) == 0:
+        raise RuntimeError("generation produced no tokens")
+    text = tokenizer.decode(new, skip_special_tokens=False)
+    return f"{shown!r} -> " + (repr(text) if text.strip() else f"{text!r}, token ids {new.tolist()}")
