@@ -11,14 +11,7 @@ from launcher.data import label_id
 
 
 def target(value, task: str, labels: list[str]) -> float | int:
-    """A row's label as the head trains on it: a number for regression, the label's id for classification."""
     return float(value) if task == "regression" else label_id(value, labels)
-
-
-def encode(ds, tokenizer, recipe, max_length: int):
-    return ds.map(lambda rows: {**tokenizer(rows["text"], truncation=True, max_length=max_length),
-                                "labels": [target(v, recipe.task, recipe.head.labels) for v in rows["label"]]},
-                  batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
 
 def class_weights(recipe, train_set) -> list[float] | None:
@@ -75,12 +68,17 @@ def regression_metrics(eval_pred) -> dict[str, float]:
 def make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks, max_length: int):
     from transformers import DataCollatorWithPadding, Trainer
 
+    def encode(ds):
+        return ds.map(lambda rows: {**tokenizer(rows["text"], truncation=True, max_length=max_length),
+                                    "labels": [target(v, recipe.task, recipe.head.labels) for v in rows["label"]]},
+                      batched=True, remove_columns=ds.column_names, desc="tokenizing")
+
     if model.config.pad_token_id is None:  # decoder models have no pad token; batching needs one
         model.config.pad_token_id = tokenizer.pad_token_id
     weights = class_weights(recipe, train_set) if recipe.task == "classification" else None
     with args.main_process_first(desc="tokenizing"):  # rank 0 fills the datasets cache, the others read it
-        train = encode(train_set, tokenizer, recipe, max_length)
-        evaluation = encode(eval_set, tokenizer, recipe, max_length) if eval_set is not None else None
+        train = encode(train_set)
+        evaluation = encode(eval_set) if eval_set is not None else None
     metrics = regression_metrics if recipe.task == "regression" else classification_metrics
     return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
                    data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics,

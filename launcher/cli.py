@@ -21,8 +21,7 @@ from launcher.schema import did_you_mean
 def _split(overrides: dict, command) -> dict:
     """Dotted keys are recipe overrides; anything else is a flag `command` does not have."""
     if "resume" in overrides:  # --resume auto|never|PATH: the common spelling of --run.resume
-        overrides = dict(overrides)
-        overrides["run.resume"] = str(overrides.pop("resume"))
+        overrides = {**{k: v for k, v in overrides.items() if k != "resume"}, "run.resume": str(overrides["resume"])}
     for key in overrides:
         if not recipes.is_override(key):
             known = (*inspect.signature(command).parameters, "resume", *recipes.TOP_LEVEL)
@@ -38,12 +37,9 @@ def plan(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_r
     """Validate RECIPE and print what a launch would run: recipe, DeepSpeed JSON, batch, memory, command."""
     topo = topology.from_flags(nproc_per_node, nnodes, node_rank, master_addr, master_port, hostfile)
     resolved = plans.make(recipe, _split(overrides, plan), topo)
-    if format == "json":
-        print(json.dumps(plans.as_json(resolved), indent=2))
-    elif format == "text":
-        print(plans.render(resolved))
-    else:
+    if format not in ("text", "json"):
         raise RecipeError(f"command line: --format is {format!r}; use text or json")
+    print(json.dumps(plans.as_json(resolved), indent=2) if format == "json" else plans.render(resolved))
 
 
 @exits_cleanly
@@ -57,8 +53,7 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     if tiny and not dry_run:
         raise RecipeError("command line: --tiny goes with --dry_run")
     if dry_run:
-        return train(recipe, dry_run=dry_run, tiny=tiny, nproc_per_node=topo.slots[0], nnodes=topo.nnodes,
-                     **overrides)
+        return train(recipe, dry_run=dry_run, tiny=tiny, nproc_per_node=topo.slots[0], nnodes=topo.nnodes, **overrides)
     run = pipeline.prepare(recipe, _split(overrides, launch), topo)
     if run.finished:
         print(run.status(), flush=True)
@@ -95,8 +90,7 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     run = pipeline.prepare(recipe, overrides, None, check_data=not preflight)  # the dry run loads the data
     if preflight:
         train(recipe, dry_run=preflight, tiny=tiny, **overrides)  # exits non-zero, naming the stage, if one fails
-    run_dir, rec = run.run_dir, run.recipe
-    gpus = slurm.cluster_has_gpus()
+    run_dir, rec, gpus = run.run_dir, run.recipe, slurm.cluster_has_gpus()
     script = slurm.render(run_dir, rec.run.name, rec.slurm, rec.run.consolidate, gpus)
     header = (f"run directory {run_dir}\n{run.plan.batch}\n{run.plan.topology} ({'GPU' if gpus else 'CPU'} ranks)\n"
               f"memory: {run.plan.memory}\n{run.status()}\nlog: {slurm.log_pattern(run_dir)}")
@@ -110,8 +104,7 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     pipeline.write(run, {**run.plan.snapshot(), slurm.SCRIPT: script})
     (run_dir / "logs").mkdir(exist_ok=True)
     job = slurm.sbatch(run_dir / slurm.SCRIPT)
-    print(f"{header}\nsubmitted job {job}\nlog: {slurm.job_log(run_dir, rec.run.name, job)}",
-          flush=True)
+    print(f"{header}\nsubmitted job {job}\nlog: {slurm.job_log(run_dir, rec.run.name, job)}", flush=True)
 
 
 @exits_cleanly
@@ -213,8 +206,7 @@ def keys(section: str | None = None) -> None:
 
 
 COMMANDS = {"plan": plan, "launch": launch, "submit": submit, "train": train, "consolidate": consolidate,
-            "evaluate": evaluate,
-            "sweep": sweep, "sweep_report": sweep_report, "keys": keys}
+            "evaluate": evaluate, "sweep": sweep, "sweep_report": sweep_report, "keys": keys}
 
 
 def main() -> None:

@@ -1,7 +1,5 @@
-"""`launcher --help`, `launcher COMMAND --help` and `launcher keys`, written here rather than left to python-fire:
-fire's help starts with an INFO line (and exits 2 for commands taking **kwargs), and cannot show the recipe's keys.
-Light imports only: help must not wait for torch.
-"""
+"""`launcher --help`, `launcher COMMAND --help` and `launcher keys`, written here: python-fire's help starts with an
+INFO line (and exits 2 for commands taking **kwargs), and cannot show the recipe's keys. Light imports only."""
 
 from __future__ import annotations
 
@@ -24,15 +22,11 @@ _default = lambda value: "= " + json.dumps(value, default=str)  # as written in 
 
 
 def requested(argv: list[str], commands: dict) -> str | None:
-    """The help text argv asks for, or None: fire runs it."""
+    """The help text argv asks for (the overview, or a command's), or None: fire runs it."""
     args = argv[:argv.index("--")] if "--" in argv else argv
-    if not args or args[0] in HELP:
-        return overview(commands)
-    if args[0] in commands and any(arg in HELP for arg in args[1:]):
-        return command_help(args[0], commands[args[0]])
-
-
-def overview(commands: dict) -> str:
+    if args and args[0] not in HELP:
+        wanted = args[0] in commands and any(arg in HELP for arg in args[1:])
+        return command_help(args[0], commands[args[0]]) if wanted else None
     width = max(map(len, commands)) + 4
     lines = [textwrap.fill(_first_sentence(inspect.getdoc(fn) or ""), 118, initial_indent=f"  {name:<{width - 2}}",
                            subsequent_indent=" " * width, break_on_hyphens=False) for name, fn in commands.items()]
@@ -63,15 +57,24 @@ def keys(section: str | None = None) -> str:
 
 
 def _rows(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, str, str, str]]:
+    """Each key's dotted name, type as the YAML holds it (`FreezeSection | None` -> `mapping | None`, `Literal["a",
+    "b"]` -> `"a" | "b"`), default and doc."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        yield name, _schema_type(str(f.type)), _schema_default(f), f.metadata.get("doc", "")
+        name, kind = prefix + f.name, re.sub(r"\b[A-Z]\w*(Section|Spec)\b", "mapping", str(f.type))
+        kind = re.sub(r"Literal\[(.*?)\]", lambda m: m.group(1).replace(", ", " | ").replace("'", '"'), kind)
+        value = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        default = ("(required)" if value is dataclasses.MISSING else "" if dataclasses.is_dataclass(value)
+                   else _default(value))
+        yield name, kind, default, f.metadata.get("doc", "")
         if name == "training":  # SFTConfig's fields, less those the launcher sets itself (a recipe may not set them)
             for key, arg in sorted(sft_fields.fields().items()):
                 if key not in schema.LAUNCHER_OWNED:
                     default = "(computed)" if arg.default is sft_fields.NO_DEFAULT else _default(arg.default)
-                    yield f"training.{key}", _kinds(arg.kinds), default, _first_sentence(arg.help)
+                    # float, not int | float: sft_fields adds int to every float (YAML's 1 is a fine learning rate)
+                    kinds = " | ".join(k for k in ("bool", "int", "float", "str", "list", "dict", "None")
+                                       if k.lower() in arg.kinds and not (k == "int" and "float" in arg.kinds))
+                    yield f"training.{key}", kinds, default, _first_sentence(arg.help)
         inner, index = _nested(hints[f.name])
         if inner is not None:
             yield from _rows(inner, f"{name}{index}.")
@@ -82,25 +85,6 @@ def _nested(tp: typing.Any) -> tuple[type | None, str]:
     if typing.get_origin(tp) is list:
         return _nested(typing.get_args(tp)[0])[0], ".<i>"
     return next((t for t in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(t)), None), ""
-
-
-def _schema_type(source: str) -> str:
-    """`FreezeSection | None` -> `mapping | None`; `Literal["a", "b"]` -> `"a" | "b"`: what the YAML holds."""
-    source = re.sub(r"\b[A-Z]\w*(Section|Spec)\b", "mapping", source)
-    return re.sub(r"Literal\[(.*?)\]", lambda m: m.group(1).replace(", ", " | ").replace("'", '"'), source)
-
-
-def _schema_default(f: dataclasses.Field) -> str:
-    if f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-        return "" if dataclasses.is_dataclass(value) else _default(value)
-    return "(required)" if f.default is dataclasses.MISSING else _default(f.default)
-
-
-def _kinds(kinds: frozenset[str]) -> str:
-    # float alone, not int | float: sft_fields adds int to every float (YAML's 1 is a fine learning rate)
-    return " | ".join(k for k in ("bool", "int", "float", "str", "list", "dict", "None")
-                      if k.lower() in kinds and not (k == "int" and "float" in kinds))
 
 
 def _first_sentence(text: str) -> str:

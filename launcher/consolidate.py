@@ -37,9 +37,16 @@ def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shar
     out = Path(output).absolute()
     if out.exists() and not overwrite:
         raise RecipeError(f"{out}: already exists; pass --overwrite to replace it")
-    shard_bytes = parse_size(max_shard_size)
+    size = str(max_shard_size).strip().upper().replace(" ", "")  # no unit ends with another: any order matches
+    unit = next((u for u in UNITS if size.endswith(u) and size[: -len(u)].replace(".", "", 1).isdigit()), None)
+    if unit is None:
+        raise RecipeError(f"command line: --max_shard_size {max_shard_size!r} is not a size like 5GB or 500MB")
+    shard_bytes = int(float(size[: -len(unit)]) * UNITS[unit])
     config_dir = base_reference(source, base_model)
-    torch_dtype = output_dtype(dtype, read_config(config_dir, source))
+    config = read_config(config_dir, source)
+    if dtype is not None and dtype not in DTYPES:
+        raise RecipeError(f"command line: --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    torch_dtype = DTYPES[dtype] if dtype is not None else config.get("dtype") or config.get("torch_dtype") or "float32"
     zero = ZeroCheckpoint(source)
     lora = (source / "adapter_config.json").is_file()
     progress(f"consolidating {source} (ZeRO-{zero.stage}, {zero.world} ranks, {len(zero.entries)} tensors"
@@ -85,14 +92,6 @@ def resolve_checkpoint(path: Path) -> Path:
     raise RecipeError(f"{path}: holds no DeepSpeed checkpoint (no 'latest' file, no checkpoints/checkpoint-N)")
 
 
-def parse_size(text: str) -> int:
-    cleaned = str(text).strip().upper().replace(" ", "")
-    for unit in sorted(UNITS, key=len, reverse=True):
-        if cleaned.endswith(unit) and cleaned[: -len(unit)].replace(".", "", 1).isdigit():
-            return int(float(cleaned[: -len(unit)]) * UNITS[unit])
-    raise RecipeError(f"command line: --max_shard_size {text!r} is not a size like 5GB or 500MB")
-
-
 def base_reference(source: Path, base_model: str | None) -> str:
     """Where the architecture (and tokenizer) come from: --base_model, the checkpoint, or the run's recipe."""
     if base_model:
@@ -120,17 +119,22 @@ def read_config(ref: str, source: Path) -> dict:
         raise RecipeError(f"{source}: cannot read the model config from {ref} ({str(err).splitlines()[0]})") from None
 
 
-def output_dtype(dtype: str | None, config: dict) -> str:
-    if dtype is None:
-        return config.get("dtype") or config.get("torch_dtype") or "float32"
-    if dtype not in DTYPES:
-        raise RecipeError(f"command line: --dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def _check_names(zero: ZeroCheckpoint, config_dir: str, source: Path) -> None:
-    """Every tensor the model expects is there with its shape, and nothing else."""
-    expected = expected_shapes(config_dir, source)
+    """Every tensor the model expects is there with its shape, and nothing else. Expected: the known decoder layouts
+    (launcher/memory.py: no transformers import, which costs seconds), else the model built on the meta device."""
+    config, expected = read_config(config_dir, source), None
+    if (config.get("architectures") or ["ForCausalLM"])[0].endswith("ForCausalLM"):
+        with contextlib.suppress(memory.UnknownArchitecture):
+            expected = memory.named_shapes(config)
+    if expected is None:
+        import torch
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(config_dir)
+        with torch.device("meta"):
+            model = auto_class_for(config.to_dict()).from_config(config)
+        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+        expected = {n: tuple(p.shape) for n, p in model.named_parameters() if n not in tied}
     saved = {e.name: e.shape for e in zero.unique}
     wrong = sorted(n for n in saved.keys() & expected.keys() if tuple(saved[n]) != tuple(expected[n]))
     for label, names in (("missing", sorted(expected.keys() - saved.keys())),
@@ -138,23 +142,6 @@ def _check_names(zero: ZeroCheckpoint, config_dir: str, source: Path) -> None:
         if names:
             raise RecipeError(f"{source}: {len(names)} tensors {label} for this model's config.json, e.g. "
                               f"{', '.join(names[:3])}; is --base_model the model that was trained?")
-
-
-def expected_shapes(config_dir: str, source: Path) -> dict[str, tuple[int, ...]]:
-    """The parameters the config describes: from the known decoder layouts (launcher/memory.py: no transformers
-    import, which costs seconds), else from the model built on the meta device."""
-    config = read_config(config_dir, source)
-    if (config.get("architectures") or ["ForCausalLM"])[0].endswith("ForCausalLM"):
-        with contextlib.suppress(memory.UnknownArchitecture):
-            return memory.named_shapes(config)
-    import torch
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(config_dir)
-    with torch.device("meta"):
-        model = auto_class_for(config.to_dict()).from_config(config)
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    return {n: tuple(p.shape) for n, p in model.named_parameters() if n not in tied}
 
 
 def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dtype: str, shard_bytes: int,
@@ -200,7 +187,14 @@ def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progre
     reuse = "tokenizer_config.json" in files and checkpoints.is_complete(source)
     for name in files if reuse else ():
         shutil.copyfile(source / name, out / name)
-    tokenizer = None if reuse else _tokenizer(source, config_dir)
+    tokenizer = None
+    for ref in () if reuse else (source, config_dir):  # the checkpoint's tokenizer, else the base model's
+        if not Path(ref).is_dir() or (Path(ref) / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            with contextlib.suppress(OSError, ValueError):
+                tokenizer = AutoTokenizer.from_pretrained(ref)
+                break
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     elif not reuse:
@@ -224,13 +218,3 @@ def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progre
         generation = GenerationConfig.from_dict(from_config)
     stop_at_end_of_turn(generation, tokenizer)
     generation.save_pretrained(out)
-
-
-def _tokenizer(source: Path, base: str):
-    for ref in (source, base):
-        if not Path(ref).is_dir() or (Path(ref) / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
-
-            with contextlib.suppress(OSError, ValueError):
-                return AutoTokenizer.from_pretrained(ref)
-    return None

@@ -18,6 +18,8 @@ ROLES = {"system", "user", "assistant", "tool"}
 def load(recipe: Recipe, where: str, seed: int, local_only: bool = False, loaded: list | None = None):
     """(train, eval or None) as `datasets.Dataset`s in one TRL format. local_only: leave out hub datasets (they
     cannot be checked offline); an emptied section is None. loaded: gets (key, path, dataset) for each one read."""
+    import datasets
+
     def section(name: str):
         items = []
         for i, spec in enumerate(getattr(recipe.data, name)):
@@ -27,8 +29,26 @@ def load(recipe: Recipe, where: str, seed: int, local_only: bool = False, loaded
             ds = load_one(spec, where, key, recipe.task, recipe.head.labels)
             if loaded is not None:
                 loaded.append((key, spec.path, ds))
-            items.append((key, _weighted(ds, spec.weight, seed)))
-        return _mix(items, where) if items else None
+            part = spec.weight - int(spec.weight)  # whole copies, then a seeded sample for the fractional part
+            pieces = [ds] * int(spec.weight) + ([ds.shuffle(seed=seed).select(range(round(len(ds) * part)))]
+                                                if part > 0 else [])
+            items.append((key, datasets.concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0]))
+        if len(items) < 2:
+            return items[0][1] if items else None
+        # mixed: one format, and the same column types (datasets cannot align others)
+        formats = {key: "+".join(sorted(ds.column_names)) for key, ds in items}
+        if len(set(formats.values())) > 1:
+            listed = ", ".join(f"{key} is {fmt}" for key, fmt in formats.items())
+            raise RecipeError(f"{where}: data sets to mix have different formats ({listed}); use one format")
+        try:
+            return datasets.concatenate_datasets([ds for _, ds in items])
+        except ValueError:  # datasets' message prints whole feature types; name the column and the datasets instead
+            (first, base), *rest = items
+            other, column = next(((key, c) for key, ds in rest for c in base.column_names
+                                  if ds.features[c] != base.features[c]), (rest[0][0], base.column_names[0]))
+            raise RecipeError(f"{where}: {first} and {other} cannot be mixed: their '{column}' values are built "
+                              "differently (keys that some rows or messages have and others lack, or other types); "
+                              "give every row the same keys") from None
 
     train = section("train")
     if recipe.data.eval:
@@ -88,7 +108,14 @@ def load_one(spec: DatasetSpec, where: str, key: str, task: str = "sft", labels:
     ds = ds.select_columns(list(FORMATS.get(fmt, LABELLED)))
     if len(ds) == 0:
         raise RecipeError(f"{spec.path}: no rows ({key} in {where}); give a file with at least one row")
-    check_rows(ds, fmt, spec.path, labels)
+    number = 0  # fail on the first malformed row, by its 1-based number, before any rank trains on it
+    try:
+        for number, row in enumerate(ds, 1):
+            if problem := _row_problem(row, fmt, labels):
+                raise RecipeError(f"{spec.path}: row {number}: {problem}; fix or remove that row")
+    except UnicodeDecodeError:  # pyarrow's JSON reader lets bytes that are not UTF-8 through, into the strings
+        problem = file_problem(local) or f"row {number + 1}: not UTF-8 text; re-encode the file as UTF-8"
+        raise RecipeError(f"{spec.path}: {problem}") from None
     return ds
 
 
@@ -138,58 +165,44 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
-def check_rows(ds, fmt: str, path: str, labels: list[str] = ()) -> None:
-    """Fail on the first malformed row, by its 1-based row number, before any rank trains on it."""
-    number = 0
-    try:
-        for number, row in enumerate(ds, 1):
-            if problem := _row_problem(row, fmt, labels):
-                raise RecipeError(f"{path}: row {number}: {problem}; fix or remove that row")
-    except UnicodeDecodeError:  # pyarrow's JSON reader lets bytes that are not UTF-8 through, into the strings
-        problem = file_problem(Path(path)) or f"row {number + 1}: not UTF-8 text; re-encode the file as UTF-8"
-        raise RecipeError(f"{path}: {problem}") from None
-
-
 def _row_problem(row: dict, fmt: str, labels: list[str]) -> str | None:
     for column, value in row.items():
         if value is None:  # a key missing from this row (JSON Lines) or an empty cell (CSV)
             return f"has no '{column}'"
-    if fmt not in ("messages", "prompt_completion"):  # text, classification, regression
-        if not isinstance(row["text"], str) or not row["text"]:
-            return "'text' is empty or not a string"
-        return None if fmt == "text" else label_problem(row["label"], fmt, labels)
+    if fmt == "messages":
+        messages = row["messages"]
+        if not isinstance(messages, list):
+            return f"'messages' must be a list of messages, got {type(messages).__name__}"
+        if not messages:
+            return "'messages' is an empty conversation"
+        if (problem := _turns_problem(messages, "messages")) or any(turn["role"] == "assistant" for turn in messages):
+            return problem
+        return "no assistant message: nothing to learn from this conversation"
     if fmt == "prompt_completion":
         for column in ("prompt", "completion"):
             value = row[column]
-            if isinstance(value, list):  # conversational prompt/completion: lists of turns
-                if problem := _turns_problem(value, column):
-                    return problem
-            elif not isinstance(value, str) or not value:
+            if isinstance(value, list) and (problem := _turns_problem(value, column)):  # conversational: turns
+                return problem
+            if not isinstance(value, (str, list)) or not value:
                 return f"'{column}' is empty or neither a string nor a list of messages"
         return None
-    messages = row["messages"]
-    if not isinstance(messages, list):
-        return f"'messages' must be a list of messages, got {type(messages).__name__}"
-    if not messages:
-        return "'messages' is an empty conversation"
-    if (problem := _turns_problem(messages, "messages")) or any(turn["role"] == "assistant" for turn in messages):
-        return problem
-    return "no assistant message: nothing to learn from this conversation"
-
-
-def label_id(value, labels: list[str]) -> int:
-    """A classification label as its id: rows may give the name or the id."""
-    return labels.index(value) if isinstance(value, str) and value in labels else int(value)
-
-
-def label_problem(value, task: str, labels: list[str]) -> str | None:
-    if task == "regression":
+    if not isinstance(row["text"], str) or not row["text"]:  # text, classification, regression
+        return "'text' is empty or not a string"
+    if fmt == "text":
+        return None
+    value = row["label"]
+    if fmt == "regression":
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
         return None if ok else f"'label' is {value!r}; regression labels are numbers"
     ok = value in labels if isinstance(value, str) else (
         isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels))
     return None if ok else (f"'label' is {value!r}; it must be one of head.labels {labels} or an id from 0 to "
                             f"{len(labels) - 1}")
+
+
+def label_id(value, labels: list[str]) -> int:
+    """A classification label as its id: rows may give the name or the id."""
+    return labels.index(value) if isinstance(value, str) and value in labels else int(value)
 
 
 def _turns_problem(turns: list, column: str) -> str | None:
@@ -204,33 +217,3 @@ def _turns_problem(turns: list, column: str) -> str | None:
         if not isinstance(turn.get("content"), str):
             return f"{where} has no string 'content'"
     return None
-
-
-def _weighted(ds, weight: float, seed: int):
-    """Repeat whole copies, then take a seeded sample for the fractional part."""
-    import datasets
-
-    part = weight - int(weight)
-    pieces = [ds] * int(weight) + ([ds.shuffle(seed=seed).select(range(round(len(ds) * part)))] if part > 0 else [])
-    return datasets.concatenate_datasets(pieces) if len(pieces) > 1 else pieces[0]
-
-
-def _mix(items: list[tuple[str, object]], where: str):
-    """Concatenate (key, dataset) pairs: same format, and the same column types (datasets cannot align others)."""
-    import datasets
-
-    if len(items) == 1:
-        return items[0][1]
-    formats = {key: "+".join(sorted(ds.column_names)) for key, ds in items}
-    if len(set(formats.values())) > 1:
-        listed = ", ".join(f"{key} is {fmt}" for key, fmt in formats.items())
-        raise RecipeError(f"{where}: data sets to mix have different formats ({listed}); use one format")
-    try:
-        return datasets.concatenate_datasets([ds for _, ds in items])
-    except ValueError:  # datasets' message prints whole feature types; name the column and the datasets instead
-        (first, base), *rest = items
-        other, column = next(((key, c) for key, ds in rest for c in base.column_names
-                              if ds.features[c] != base.features[c]), (rest[0][0], base.column_names[0]))
-        raise RecipeError(f"{where}: {first} and {other} cannot be mixed: their '{column}' values are built "
-                          "differently (keys that some rows or messages have and others lack, or other types); "
-                          "give every row the same keys") from None

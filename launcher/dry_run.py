@@ -15,8 +15,9 @@ import time
 import warnings
 from pathlib import Path
 
-from launcher import checkpoints, ds_config, modeling, rundir, tiny
+from launcher import checkpoints, ds_config, modeling, pipeline, rundir, tiny
 from launcher import recipe as recipes
+from launcher import train as worker
 from launcher.dry_run_report import Report, StageFailed, generate, inspect_head, inspect_sft, measured_memory, predict
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
 from launcher.topology import Topology
@@ -29,18 +30,49 @@ CPU_MICRO_BATCH = 2
 
 def run(recipe_path: str, overrides: dict, use_tiny: bool, nproc_per_node: int | None = None,
         nnodes: int | None = None) -> None:
-    from launcher.train import distributed_env
-
     warnings.filterwarnings("ignore", category=FutureWarning)
-    _, world = distributed_env()
+    _, world = worker.distributed_env()
     if world != 1:
         raise RecipeError(f"--dry_run runs as one process; this one was started as one of {world} ranks")
     report = Report()
     started = time.time()
     try:
         built, planned, dry, run_dir = build(recipe_path, overrides, use_tiny, (nproc_per_node, nnodes), report)
-        _train_and_consolidate(report, built.trainer, planned, run_dir, built.eval_set is not None)
-        _reload(report, run_dir / "final", built.train_set[0], dry.task)
+        trainer = built.trainer  # a few steps, the last one saving a checkpoint; then the run's end product
+        with report.stage("train"):
+            trainer.train()
+            metrics = trainer.evaluate() if built.eval_set is not None else {}
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        if trainer.state.global_step != STEPS or not losses or not all(math.isfinite(x) for x in losses):
+            report.fail("train", f"{trainer.state.global_step} steps, losses {losses}: expected {STEPS} finite")
+        evaluated = f", eval loss {metrics['eval_loss']:.3f}" if "eval_loss" in metrics else ""
+        report.add("train", f"{STEPS} steps, loss {' -> '.join(f'{x:.3f}' for x in losses)}{evaluated}")
+        report.add("memory", f"measured {measured_memory()}; real run estimate: {planned.memory}")
+        done = checkpoints.complete(run_dir)
+        if not done:
+            report.fail("checkpoint", f"no checkpoint with the {checkpoints.MARKER} marker under {run_dir}")
+        report.add("checkpoint", f"{done[-1]} ({checkpoints.MARKER} written)")
+        with report.stage("consolidate"):
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            from launcher.consolidate import consolidate
+
+            unset_hf_deepspeed_config()
+            final = consolidate(str(run_dir), str(run_dir / "final"), overwrite=True, progress=lambda _: None)
+        size = sum(f.stat().st_size for f in final.glob("*.safetensors"))
+        report.add("consolidate", f"{final} ({size / 1e6:.1f} MB)")
+        with report.stage("reload"):  # with the task's Auto class; then it answers the first row
+            from transformers import AutoTokenizer
+
+            reloaded = modeling.auto_class(dry.task).from_pretrained(final)
+            final_tokenizer = AutoTokenizer.from_pretrained(final)
+        labels = f", labels {list(reloaded.config.id2label.values())}" if dry.task == "classification" else ""
+        report.add("reload", f"{type(reloaded).__name__}, {modeling.parameter_count(reloaded):,} params{labels}")
+        stage = "generate" if dry.task == "sft" else "predict"
+        with report.stage(stage):
+            answer = (generate(reloaded, final_tokenizer, built.train_set[0]) if dry.task == "sft"
+                      else predict(reloaded, final_tokenizer, built.train_set[0], dry.task))
+        report.add(stage, answer)
     except StageFailed as err:
         report.add(err.stage, err.message, ok=False)
         print(report.render(), flush=True)
@@ -52,12 +84,13 @@ def run(recipe_path: str, overrides: dict, use_tiny: bool, nproc_per_node: int |
 def build(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, report: Report):
     """The gate for the real run's ranks, the recipe shrunk, then the worker's own `build` on it, and what it built
     inspected. Returns (built, the real run's plan, the shrunk recipe, the throwaway run directory)."""
-    from launcher import pipeline
-    from launcher import train as worker
-
-    # --- the gate, exactly as `launch` or `submit` runs it for the real run's topology (the data: stages below)
+    # --- the gate, exactly as `launch` or `submit` runs it for the real run's topology (the data: stages below).
+    # Its ranks, for the batch check and memory estimate: the flags, else the recipe's slurm section, else one rank.
+    per_node, nodes = ranks
+    topology = lambda r: Topology((int(per_node or r.slurm.gpus_per_node or 1),)
+                                  * int(nodes or (r.slurm.nodes if r.slurm.gpus_per_node else 1)))
     with report.stage("recipe valid"):
-        gate = pipeline.prepare(recipe_path, overrides, lambda recipe: real_topology(recipe, *ranks), False)
+        gate = pipeline.prepare(recipe_path, overrides, topology, False)
     planned, recipe = gate.plan, gate.recipe
     report.add("recipe valid", f"{recipe_path}; real run: {planned.batch} on {planned.topology}")
     if gate.resume or gate.finished:
@@ -71,13 +104,28 @@ def build(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, repor
     dry = copy.deepcopy(recipe)
     run_dir = Path(f"{recipe.run.output_dir}-dryrun-{time.strftime('%Y%m%d-%H%M%S')}")
     dry.run.output_dir, dry.run.resume, dry.run.global_batch_size, dry.wandb = str(run_dir), "never", None, None
-    for change in shrink_run(dry) + ([] if torch.cuda.is_available() else cpu_fallbacks(dry)):
+    dry.training.update(SHRUNK)
+    report.note(f"dry run: {STEPS} steps on the first {ROWS} rows, gradient accumulation 1, a checkpoint at step "
+                f"{STEPS}, one evaluation on {EVAL_ROWS} rows at the end; run directory {run_dir}")
+    for change in [] if torch.cuda.is_available() else cpu_fallbacks(dry):
         report.note(change)
     changed = sorted(k for k in dry.training.keys() | recipe.training.keys()
                      if dry.training.get(k, "unset") != recipe.training.get(k, "unset"))
     report.note(f"training arguments changed for the dry run: {', '.join(changed)}")
-    if use_tiny:
-        _tiny_model(report, recipe, dry, recipe_path, run_dir, planned.params)
+    if use_tiny:  # the recipe's architecture at a toy size, saved where the recipe's model was
+        with report.stage("tiny model"):
+            config = recipes.model_config(recipe, recipe_path)
+            if config is None:
+                raise RecipeError("--tiny needs the model's config.json: set model.config or use a local model")
+            m = recipe.model
+            params, tokenizer_note = tiny.write(config, m.tokenizer or m.name_or_path, run_dir / "tiny-model",
+                                                trust_remote_code=m.trust_remote_code)
+        dry.model.name_or_path = dry.model.tokenizer = str(run_dir / "tiny-model")
+        dry.model.config, dry.model.init = None, "pretrained"
+        report.add("tiny model", f"{config.get('architectures', ['?'])[0]}: 2 layers, hidden 64, vocab "
+                   f"{config.get('vocab_size')}, {params / 1e6:.1f} M params (real: {planned.params or 0:,})")
+        if tokenizer_note:
+            report.note(tokenizer_note)
 
     import datasets
     import transformers
@@ -109,71 +157,6 @@ def build(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, repor
     return built, planned, dry, run_dir
 
 
-def _tiny_model(report, recipe, dry, recipe_path: str, run_dir: Path, real_params: int | None) -> None:
-    """The recipe's architecture at a toy size, saved where the recipe's model was."""
-    with report.stage("tiny model"):
-        config = recipes.model_config(recipe, recipe_path)
-        if config is None:
-            raise RecipeError("--tiny needs the model's config.json: set model.config or use a local model")
-        m = recipe.model
-        params, tokenizer_note = tiny.write(config, m.tokenizer or m.name_or_path, run_dir / "tiny-model",
-                                            trust_remote_code=m.trust_remote_code)
-    dry.model.name_or_path = dry.model.tokenizer = str(run_dir / "tiny-model")
-    dry.model.config, dry.model.init = None, "pretrained"
-    report.add("tiny model", f"{config.get('architectures', ['?'])[0]}: 2 layers, hidden 64, vocab "
-               f"{config.get('vocab_size')}, {params / 1e6:.1f} M params (real: {real_params or 0:,})")
-    if tokenizer_note:
-        report.note(tokenizer_note)
-
-
-def _reload(report, final: Path, row: dict, task: str) -> None:
-    """The consolidated model loads with the task's Auto class, and answers the first row."""
-    with report.stage("reload"):
-        from transformers import AutoTokenizer
-
-        reloaded = modeling.auto_class(task).from_pretrained(final)
-        final_tokenizer = AutoTokenizer.from_pretrained(final)
-    labels = f", labels {list(reloaded.config.id2label.values())}" if task == "classification" else ""
-    report.add("reload", f"{type(reloaded).__name__}, {modeling.parameter_count(reloaded):,} params{labels}")
-    stage = "generate" if task == "sft" else "predict"
-    with report.stage(stage):
-        answer = generate(reloaded, final_tokenizer, row) if task == "sft" else predict(reloaded, final_tokenizer,
-                                                                                         row, task)
-    report.add(stage, answer)
-
-
-def _train_and_consolidate(report, trainer, planned, run_dir: Path, has_eval: bool) -> None:
-    """A few steps, the last one saving a checkpoint; then the run's end product, consolidated."""
-    with report.stage("train"):
-        trainer.train()
-        metrics = trainer.evaluate() if has_eval else {}
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    if trainer.state.global_step != STEPS or not losses or not all(math.isfinite(x) for x in losses):
-        report.fail("train", f"{trainer.state.global_step} steps, losses {losses}: expected {STEPS} finite")
-    evaluated = f", eval loss {metrics['eval_loss']:.3f}" if "eval_loss" in metrics else ""
-    report.add("train", f"{STEPS} steps, loss {' -> '.join(f'{x:.3f}' for x in losses)}{evaluated}")
-    report.add("memory", f"measured {measured_memory()}; real run estimate: {planned.memory}")
-    done = checkpoints.complete(run_dir)
-    if not done:
-        report.fail("checkpoint", f"no checkpoint with the {checkpoints.MARKER} marker under {run_dir}")
-    report.add("checkpoint", f"{done[-1]} ({checkpoints.MARKER} written)")
-    with report.stage("consolidate"):
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-        from launcher.consolidate import consolidate
-
-        unset_hf_deepspeed_config()
-        final = consolidate(str(run_dir), str(run_dir / "final"), overwrite=True, progress=lambda _: None)
-    report.add("consolidate", f"{final} ({sum(f.stat().st_size for f in final.glob('*.safetensors')) / 1e6:.1f} MB)")
-
-
-def real_topology(recipe, nproc_per_node: int | None, nnodes: int | None) -> Topology:
-    """The real run's ranks, for the batch check and memory estimate: the flags, else the recipe's slurm section,
-    else one rank."""
-    per_node = int(nproc_per_node or recipe.slurm.gpus_per_node or 1)
-    return Topology((per_node,) * int(nnodes or (recipe.slurm.nodes if recipe.slurm.gpus_per_node else 1)))
-
-
 # The training arguments the dry run changes (besides the CPU fallbacks, which it reports one by one): a few steps,
 # a checkpoint at the last, no evaluation during training, nothing reported. Everything else is the real run's.
 SHRUNK = {"max_steps": STEPS, "save_steps": STEPS, "save_strategy": "steps", "logging_steps": 1, "eval_strategy": "no",
@@ -181,12 +164,6 @@ SHRUNK = {"max_steps": STEPS, "save_steps": STEPS, "save_strategy": "steps", "lo
 # Arguments that follow from those (TrainingArguments derives do_eval from eval_strategy), from the throwaway run
 # directory and from the dry run's one rank.
 DERIVED = ("do_eval", "output_dir", "logging_dir", "deepspeed", "hf_deepspeed_config")
-
-
-def shrink_run(dry) -> list[str]:
-    dry.training.update(SHRUNK)
-    return [f"dry run: {STEPS} steps on the first {ROWS} rows, gradient accumulation 1, a checkpoint at step "
-            f"{STEPS}, one evaluation on {EVAL_ROWS} rows at the end; run directory {dry.run.output_dir}"]
 
 
 def cpu_fallbacks(dry) -> list[str]:
@@ -211,11 +188,10 @@ def cpu_fallbacks(dry) -> list[str]:
         dry.lora.quantize = "none"
     template = ds_config.merge(ds_config.load_template(dry.deepspeed.config), dry.deepspeed.overrides)
     zero = template.get("zero_optimization", {})
-    cpu = {}
-    for key in ("offload_optimizer", "offload_param"):
-        if zero.get(key, {}).get("device", "none") != "none":
-            cpu.setdefault("zero_optimization", {})[key] = {"device": "none"}
-    if cpu:
+    offloaded = {key: {"device": "none"} for key in ("offload_optimizer", "offload_param")
+                 if zero.get(key, {}).get("device", "none") != "none"}
+    cpu = {"zero_optimization": offloaded} if offloaded else {}
+    if offloaded:
         changes.append("CPU: ZeRO offload off (the weights are in CPU memory already; DeepSpeedCPUAdam would need "
                        "a C++ build)")
     if "optimizer" in template:

@@ -58,21 +58,52 @@ class Report:
         raise StageFailed(name, message, True)
 
     def render(self) -> str:
-        notes = [f"note  {n}" for n in self.notes]
-        return "\n".join(["--- dry run report", *notes, *self.lines])
+        return "\n".join(["--- dry run report", *(f"note  {n}" for n in self.notes), *self.lines])
 
 
 def inspect_sft(report: Report, dry, built) -> None:
     """What TRL prepared (the dataset training sees): lengths before truncation, the tokens that carry loss, an
     example, and the LoRA adapters."""
-    trainer = built.trainer
+    trainer, prepared, tokenizer = built.trainer, built.trainer.train_dataset, built.trainer.processing_class
     with report.stage("loss tokens"):
-        lengths = untruncated_lengths(trainer.processing_class, built.train_set)
-        rows_in = None if trainer.args.packing else len(built.train_set)
-        token_stats(report, lengths, trainer.train_dataset, trainer.args.max_length, rows_in)
-        report.lines.append("      example (loss on «...»): " + render_example(built.tokenizer, trainer.train_dataset))
+        lengths = []  # before truncation, the rows rendered as TRL renders them (chat template for conversations)
+        for row in built.train_set:
+            turns = row.get("messages") or (row["prompt"] + row["completion"] if isinstance(row.get("prompt"), list)
+                                            else None)
+            ids = (tokenizer(row.get("text") or row["prompt"] + row["completion"]) if turns is None
+                   else tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True))["input_ids"]
+            lengths.append(len(ids))
+        dropped = 0 if trainer.args.packing else len(lengths) - len(prepared)  # by TRL; none to count once packed
+        length_line(report, lengths, trainer.args.max_length, dropped)
+        total = sum(len(labels) for labels in prepared["labels"])
+        share = sum(label != -100 for labels in prepared["labels"] for label in labels) / total if total else 0.0
+        text = f"{share:.1%} of {total:,} tokens carry loss"
+        if share == 0:
+            report.fail("loss tokens", text + ": the chat template or completion-only masking masks everything")
+        if share == 1:
+            text += " (every token: the model also learns the prompts; assistant_only_loss is off)"
+        report.add("loss tokens", text)
+        row = min(prepared, key=lambda r: len(r["input_ids"]))  # the shortest example, the loss-carrying spans in «»
+        pieces = []
+        for carrying, group in itertools.groupby(zip(row["input_ids"], row["labels"], strict=False),
+                                                 key=lambda pair: pair[1] != -100):
+            text = built.tokenizer.decode([token for token, _ in group])
+            pieces.append(f"«{text}»" if carrying else text)
+        text = "".join(pieces).replace("\n", "\\n")
+        if len(text) > SHOWN_CHARS:
+            text = text[: SHOWN_CHARS // 2] + " [...] " + text[-SHOWN_CHARS // 2 :]
+        report.lines.append("      example (loss on «...»): " + text)
     with report.stage("LoRA targets"):
-        lora_line(report, trainer.model, dry)
+        total, trainable = modeling.parameter_count(trainer.model), modeling.parameter_count(trainer.model, True)
+        adapted = [name for name, module in trainer.model.named_modules() if hasattr(module, "lora_A")]
+        if dry.lora is None:
+            report.add("LoRA targets", f"none (full fine-tune); {trainable:,} of {total:,} parameters trainable")
+        elif not adapted:
+            report.fail("LoRA targets", f"lora.target_modules {dry.lora.target_modules} adapted no module")
+        else:
+            kinds = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+            report.add("LoRA targets", f"{len(adapted)} modules ({', '.join(kinds)}); {trainable:,} of {total:,} "
+                       f"parameters trainable ({trainable / total:.2%})")
 
 
 def inspect_head(report: Report, dry, built) -> None:
@@ -106,18 +137,6 @@ def predict(model, tokenizer, row: dict, task: str) -> str:
     return f"{row['text'][:80]!r} -> {answer} (label {row['label']!r})"
 
 
-def untruncated_lengths(tokenizer, rows) -> list[int]:
-    """Tokens per row before truncation, rendered as TRL renders it (chat template for conversations)."""
-    def length(row: dict) -> int:
-        turns = row.get("messages") or (row["prompt"] + row["completion"] if isinstance(row.get("prompt"), list)
-                                        else None)
-        if turns is not None:
-            return len(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True)["input_ids"])
-        return len(tokenizer(row.get("text") or row["prompt"] + row["completion"])["input_ids"])
-
-    return [length(row) for row in rows]
-
-
 def length_line(report: Report, lengths: list[int], max_length: int | None, dropped: int = 0) -> None:
     """Tokens per example before truncation, against max_length; fails when every example would be cut."""
     lengths = sorted(lengths)
@@ -130,46 +149,6 @@ def length_line(report: Report, lengths: list[int], max_length: int | None, drop
         report.fail("tokens/example", line + ": every example is cut at max_length; raise training.max_length or "
                     "shorten the data")
     report.add("tokens/example", line)
-
-
-def token_stats(report: Report, lengths: list[int], prepared, max_length: int | None, rows: int | None) -> None:
-    """Lengths before truncation, and the share of tokens carrying loss after it. rows: how many went in, to count
-    those TRL dropped (None when packing joins them)."""
-    length_line(report, lengths, max_length, rows - len(prepared) if rows is not None else 0)
-    total = sum(len(labels) for labels in prepared["labels"])
-    carrying = sum(label != -100 for labels in prepared["labels"] for label in labels)
-    share = carrying / total if total else 0.0
-    text = f"{share:.1%} of {total:,} tokens carry loss"
-    if share == 0:
-        report.fail("loss tokens", text + ": the chat template or completion-only masking masks everything")
-    if share == 1:
-        text += " (every token: the model also learns the prompts; assistant_only_loss is off)"
-    report.add("loss tokens", text)
-
-
-def render_example(tokenizer, prepared) -> str:
-    """The shortest prepared example decoded, with the spans that carry loss in «»."""
-    row = min(prepared, key=lambda r: len(r["input_ids"]))
-    pieces = []
-    for carrying, group in itertools.groupby(zip(row["input_ids"], row["labels"], strict=False),
-                                             key=lambda pair: pair[1] != -100):
-        text = tokenizer.decode([token for token, _ in group])
-        pieces.append(f"«{text}»" if carrying else text)
-    text = "".join(pieces).replace("\n", "\\n")
-    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS // 2] + " [...] " + text[-SHOWN_CHARS // 2 :]
-
-
-def lora_line(report: Report, model, recipe) -> None:
-    total, trainable = modeling.parameter_count(model), modeling.parameter_count(model, trainable_only=True)
-    if recipe.lora is None:
-        report.add("LoRA targets", f"none (full fine-tune); {trainable:,} of {total:,} parameters trainable")
-        return
-    adapted = [name for name, module in model.named_modules() if hasattr(module, "lora_A")]
-    kinds = sorted({name.rsplit(".", 1)[-1] for name in adapted})
-    if not adapted:
-        report.fail("LoRA targets", f"lora.target_modules {recipe.lora.target_modules} adapted no module")
-    report.add("LoRA targets", f"{len(adapted)} modules ({', '.join(kinds)}); {trainable:,} of {total:,} parameters "
-               f"trainable ({trainable / total:.2%})")
 
 
 def measured_memory() -> str:
@@ -195,8 +174,7 @@ def generate(model, tokenizer, row: dict) -> str:
                                                return_dict=True)
     else:
         inputs = tokenizer(shown, return_tensors="pt")
-    output = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    new = output[0, inputs["input_ids"].shape[1] :]
+    new = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     if len(new) == 0:
         raise RuntimeError("generation produced no tokens")
     text = tokenizer.decode(new, skip_special_tokens=False)

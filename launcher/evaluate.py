@@ -1,10 +1,8 @@
-"""`launcher evaluate MODEL_DIR --data FILE`: a consolidated model's metrics on a data file, printed as a table and
-written as JSON; for SFT models also the answers it generates for a few prompts, so a person can see what it does.
-
-Classifiers: loss, accuracy and macro precision, recall and F1 on text + label rows (labels by the names kept in
-the model's id2label, or by id); regression heads: MSE and MAE. Causal LMs: the mean loss per predicted token and
-its perplexity, over the tokens a trainer learns by default: the assistant's turns where the chat template marks
-them ({% generation %}), else the whole conversation; the completion of prompt/completion rows; all of a text row.
+"""`launcher evaluate MODEL_DIR --data FILE`: a consolidated model's metrics on a data file (see cli.evaluate), and
+for SFT models the answers it generates for a few prompts, so a person can see what it does. Classifier labels go
+by the names kept in the model's id2label, or by id. A causal LM's loss is the mean per predicted token, over the
+tokens a trainer learns by default: the assistant's turns where the chat template marks them ({% generation %}),
+else the whole conversation; the completion of prompt/completion rows; all of a text row.
 """
 
 from __future__ import annotations
@@ -23,41 +21,6 @@ from launcher.schema import DatasetSpec
 def evaluate(model_dir: str, data: str, split: str = "train", output: str | None = None, batch_size: int = 32,
              max_rows: int | None = None, prompts: int = 3, max_new_tokens: int = 48) -> dict:
     directory = Path(model_dir)
-    config = _config(directory)
-    classifier = is_classifier(config)
-    task = ("regression" if config.get("problem_type") == "regression" or config.get("num_labels") == 1
-            else "classification") if classifier else "sft"
-    labels = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))] if classifier else []
-    import datasets
-
-    datasets.disable_progress_bars()  # a bad row's one line must be the only thing said
-    rows = load_one(DatasetSpec(path=_data_ref(data), split=split), "command line", "--data", task, labels)
-    if max_rows:
-        rows = rows.select(range(min(max_rows, len(rows))))
-    import torch
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = auto_class_for(config).from_pretrained(directory, dtype=torch.float32).eval()
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"{directory}: cannot load the model or its tokenizer ({str(err).splitlines()[0]})"
-                          ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    print(f"evaluating {directory} ({config['architectures'][0]}) on {data}: {len(rows)} rows", flush=True)
-    with torch.no_grad():
-        metrics = (_classifier_metrics(model, tokenizer, rows, task, labels, batch_size) if classifier else
-                   {**_lm_metrics(model, tokenizer, rows), "samples": _samples(model, tokenizer, rows, prompts,
-                                                                               max_new_tokens)})
-    result = {"model": str(directory.absolute()), "data": str(data), "rows": len(rows), "task": task, **metrics}
-    out = Path(output) if output else directory / f"metrics-{Path(data).stem}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(render(result) + f"\nwritten: {out}", flush=True)
-    return result
-
-
-def _config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise RecipeError(f"{directory}: no config.json: not a model directory (give `launcher consolidate`'s "
@@ -68,16 +31,39 @@ def _config(directory: Path) -> dict:
         raise RecipeError(f"{path}: not valid JSON ({err})") from None
     if not config.get("architectures"):
         raise RecipeError(f"{path}: names no architecture; cannot tell a classifier from a language model")
-    return config
-
-
-def _data_ref(data: str) -> str:
+    classifier = is_classifier(config)
+    task = ("regression" if config.get("problem_type") == "regression" or config.get("num_labels") == 1
+            else "classification") if classifier else "sft"
+    labels = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))] if classifier else []
     local = Path(data).expanduser()
-    if local.exists():
-        return str(local.absolute())
-    if local.suffix or data.count("/") != 1:
+    if not local.exists() and (local.suffix or data.count("/") != 1):  # nor a hub id (owner/name)
         raise RecipeError(f"command line: --data '{data}' does not exist")
-    return data  # a hub id
+    import datasets
+
+    datasets.disable_progress_bars()  # a bad row's one line must be the only thing said
+    spec = DatasetSpec(path=str(local.absolute()) if local.exists() else data, split=split)
+    rows = load_one(spec, "command line", "--data", task, labels)
+    if max_rows:
+        rows = rows.select(range(min(max_rows, len(rows))))
+    import torch
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = auto_class_for(config).from_pretrained(directory, dtype=torch.float32).eval()
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"{directory}: cannot load the model or its tokenizer ({str(err).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    print(f"evaluating {directory} ({config['architectures'][0]}) on {data}: {len(rows)} rows", flush=True)
+    with torch.no_grad():
+        metrics = (_classifier_metrics(model, tokenizer, rows, task, labels, batch_size) if classifier else
+                   _lm_metrics(model, tokenizer, rows, prompts, max_new_tokens))
+    result = {"model": str(directory.absolute()), "data": str(data), "rows": len(rows), "task": task, **metrics}
+    out = Path(output) if output else directory / f"metrics-{Path(data).stem}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(render(result) + f"\nwritten: {out}", flush=True)
+    return result
 
 
 def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], batch_size: int) -> dict:
@@ -98,12 +84,27 @@ def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], ba
             **classify.scores(logits.argmax(-1).numpy(), target.numpy(), len(labels)), "labels": labels}
 
 
-def _lm_metrics(model, tokenizer, rows) -> dict:
+def _lm_metrics(model, tokenizer, rows, prompts: int, max_new_tokens: int) -> dict:
+    """Loss and perplexity over the scored tokens, then greedy answers to the first rows' prompts (conversations
+    without their last assistant turn)."""
     import torch
 
-    total, count = 0.0, 0
+    total, count, marked = 0.0, 0, "generation" in (tokenizer.chat_template or "")
+    # conversational prompt/completion rows (lists of turns) are one conversation
+    rows = [{"messages": [*r["prompt"], *r["completion"]]} if isinstance(r.get("prompt"), list) else r for r in rows]
     for row in rows:
-        ids, mask = _tokens(tokenizer, row)
+        if "messages" in row:  # ids, and which of them are scored (1) or context (0)
+            out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=marked)
+            ids = list(out["input_ids"])
+            mask = list(out["assistant_masks"]) if marked else [1] * len(ids)
+        elif "prompt" in row:
+            prompt = tokenizer(row["prompt"])["input_ids"]
+            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+            ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
+        else:
+            ids = tokenizer(row["text"])["input_ids"]
+            mask = [1] * len(ids)
         if sum(mask[1:]) == 0:
             continue
         labels = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)])
@@ -112,38 +113,8 @@ def _lm_metrics(model, tokenizer, rows) -> dict:
         count += int((labels != -100).sum())
     if count == 0:
         raise RecipeError("--data: no row has a token to score (empty completions, or a template that marks none)")
-    loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
-
-
-def _as_messages(row: dict) -> dict:
-    """Conversational prompt/completion rows (lists of turns) are one conversation."""
-    return {"messages": [*row["prompt"], *row["completion"]]} if isinstance(row.get("prompt"), list) else row
-
-
-def _tokens(tokenizer, row: dict) -> tuple[list[int], list[int]]:
-    """Token ids of a row and which of them are scored (1) or context (0)."""
-    row = _as_messages(row)
-    if "messages" in row:
-        marked = "generation" in (tokenizer.chat_template or "")
-        out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=marked)
-        ids = list(out["input_ids"])
-        return ids, list(out["assistant_masks"]) if marked else [1] * len(ids)
-    if "prompt" in row:
-        prompt = tokenizer(row["prompt"])["input_ids"]
-        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-        return prompt + completion, [0] * len(prompt) + [1] * len(completion)
-    ids = tokenizer(row["text"])["input_ids"]
-    return ids, [1] * len(ids)
-
-
-def _samples(model, tokenizer, rows, prompts: int, max_new_tokens: int) -> list[dict]:
-    """Greedy answers to the first rows' prompts (conversations without their last assistant turn)."""
-    import torch
-
-    out = []
-    for row in map(_as_messages, rows.select(range(min(prompts, len(rows))))):
+    samples = []
+    for row in rows[:max(prompts, 0)]:
         if "messages" in row:
             turns = row["messages"]
             cut = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
@@ -158,9 +129,10 @@ def _samples(model, tokenizer, rows, prompts: int, max_new_tokens: int) -> list[
             continue
         generated = model.generate(torch.tensor([list(ids)]), max_new_tokens=max_new_tokens, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id)
-        out.append({"prompt": prompt, "reference": reference,
-                    "generated": tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)})
-    return out
+        samples.append({"prompt": prompt, "reference": reference,
+                        "generated": tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)})
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "samples": samples}
 
 
 def render(result: dict) -> str:

@@ -64,19 +64,16 @@ def family(config: dict) -> Family:
 
 
 def named_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every parameter of a known decoder-only *ForCausalLM, by its transformers name, with its shape; a tied
-    lm_head is left out (it is the embedding). What plan counts and consolidation checks checkpoints against,
-    without importing transformers. Raises UnknownArchitecture for other models."""
+    """Every parameter of a known decoder-only *ForCausalLM by its transformers name, with its shape (a tied lm_head
+    is left out: it is the embedding): what plan counts and consolidate checks against, without transformers."""
     fam = family(config)
-    missing = [key for key in SIZE_KEYS if key not in config]
-    if missing:
+    if missing := [key for key in SIZE_KEYS if key not in config]:
         raise UnknownArchitecture(f"config.json lacks {', '.join(missing)}; count it on the meta device instead")
     vocab, hidden, inter, layers, heads = (config[key] for key in SIZE_KEYS)
     # a key left out takes the class default; an explicit null is derived from the head count, as on loading
     head_dim = config.get("head_dim", fam.head_dim) or hidden // heads
     q, kv = heads * head_dim, (config.get("num_key_value_heads", fam.kv_heads) or heads) * head_dim
-    attention_bias = bool(config.get("attention_bias", False))
-    qkv_bias, o_bias = (attention_bias,) * 2 if fam.qkv_bias is None else (fam.qkv_bias, False)
+    qkv_bias, o_bias = (bool(config.get("attention_bias")),) * 2 if fam.qkv_bias is None else (fam.qkv_bias, False)
     mlp_bias = bool(config.get("mlp_bias", False)) if fam.mlp_bias is None else fam.mlp_bias
     fused = [("self_attn.qkv_proj", hidden, q + 2 * kv, qkv_bias), ("mlp.gate_up_proj", hidden, 2 * inter, mlp_bias)]
     split = [(f"self_attn.{n}_proj", hidden, size, qkv_bias) for n, size in (("q", q), ("k", kv), ("v", kv))] + [
@@ -106,9 +103,8 @@ def count_params(config: dict) -> ParamCount:
 
 def linear_module_names(config: dict) -> set[str]:
     """Leaf names of the nn.Linear modules of a known architecture, for checking LoRA targets without a model."""
-    fused = ("qkv_proj", "gate_up_proj") if family(config).fused else ("q_proj", "k_proj", "v_proj", "gate_proj",
-                                                                       "up_proj")
-    return {*fused, "o_proj", "down_proj", "lm_head"}
+    projections = ("qkv", "gate_up") if family(config).fused else ("q", "k", "v", "gate", "up")
+    return {*(f"{p}_proj" for p in projections), "o_proj", "down_proj", "lm_head"}
 
 
 def lora_targets(config: dict) -> set[str]:

@@ -43,7 +43,6 @@ def _declares_generic_class(ref: str) -> bool:
 
 
 def auto_class(task: str):
-    """The transformers Auto class of the task: a causal LM for SFT, a sequence-classification head otherwise."""
     import transformers
 
     return transformers.AutoModelForCausalLM if task == "sft" else transformers.AutoModelForSequenceClassification
@@ -60,7 +59,6 @@ def auto_class_for(config: dict):
 
 
 def head_config(recipe: Recipe) -> dict:
-    """Config keys of the task's head: label names kept in the model (id2label), one output for regression."""
     if recipe.task == "classification":
         labels = recipe.head.labels
         return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
@@ -71,7 +69,6 @@ def head_config(recipe: Recipe) -> dict:
 
 
 def model_config(recipe: Recipe):
-    """The model's transformers config with the task's head settings."""
     from transformers import AutoConfig
 
     m = recipe.model
@@ -140,8 +137,7 @@ def parameter_count(model, trainable_only: bool = False) -> int:
 
 def stop_at_end_of_turn(generation, tokenizer) -> None:
     """Make a generation config stop where the chat template ends the assistant's turn (the first special token after
-    its content), and pad with the tokenizer's pad token: what serving the model needs (the model's own EOS may be
-    another token)."""
+    its content; the model's own EOS may be another) and pad with the tokenizer's pad token, as serving needs."""
     end = tokenizer.eos_token_id
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "MARKER"}]

@@ -37,24 +37,19 @@ class Run:
     def run_dir(self) -> Path:
         return self.plan.run_dir
 
-    def status(self) -> str:
-        """What this start does, in one line."""
+    def status(self) -> str:  # what this start does, in one line
         if self.finished:
             return f"{self.run_dir}: already trained to the end ({self.resume.name}); nothing to do"
         start = f"resuming from {self.resume}" if self.resume else "new run"
         return start + (f"; changed since the run started: {', '.join(self.changes)}" if self.changes else "")
 
 
-def requeued() -> bool:
-    """A Slurm job started again after a requeue (preemption, time limit): it always continues its own run."""
-    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-
-
 def prepare(recipe_path: str, overrides: dict[str, Any], topology: Topology | None, check_data: bool = True) -> Run:
     """The gate. check_data: load and check the data and tokenizer here (the ranks load them anyway)."""
     plan = plans.make(recipe_path, overrides, topology)
     recipe = plan.recipe
-    resume = checkpoints.resume_point(plan.run_dir, recipe.run.resume, plan.topology.world, requeued())
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0  # by Slurm: it always continues its own run
+    resume = checkpoints.resume_point(plan.run_dir, recipe.run.resume, plan.topology.world, requeued)
     stage, saved = ds_config.zero_stage(plan.ds_config, ""), resume and checkpoints.marker(resume).get("zero_stage")
     if saved is not None and saved != stage:
         raise RecipeError(f"{resume}: saved under ZeRO-{saved}, and deepspeed.config is ZeRO-{stage} now; resume "
@@ -62,13 +57,11 @@ def prepare(recipe_path: str, overrides: dict[str, Any], topology: Topology | No
     own = resume is not None and resume.parent == checkpoints.directory(plan.run_dir)
     changes = rundir.changes_since_start(plan.run_dir, recipes.dump(recipe)) if own else []
     finished = resume is not None and checkpoints.finished(resume, ds_config.training_value(recipe, "max_steps"))
-    run = Run(plan, resume, finished, changes)
-    if finished:
-        return run
-    tracking.check_credentials(recipe, recipe_path)
-    if check_data:
-        preflight.check(recipe, recipe_path)
-    return run
+    if not finished:
+        tracking.check_credentials(recipe, recipe_path)
+        if check_data:
+            preflight.check(recipe, recipe_path)
+    return Run(plan, resume, finished, changes)
 
 
 def write(run: Run, files: dict[str, str], first_node: bool = True) -> None:

@@ -21,8 +21,7 @@ GENERATION_MARKERS = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def check(recipe: Recipe, where: str) -> None:
-    """Raise RecipeError (one line naming the file and row or key) for data or tokenizer problems. Local datasets
-    are loaded, checked and mixed as the worker does."""
+    """Raise RecipeError (one line naming the file and row or key) for data or tokenizer problems."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # libraries' notes on stderr would bury the one line that matters
         sets: list = []  # (key, path, dataset) for each local dataset
@@ -31,8 +30,7 @@ def check(recipe: Recipe, where: str) -> None:
 
             datasets.disable_progress_bars()  # this process only starts ranks; they show their own progress
             data.load(recipe, where, ds_config.training_value(recipe, "seed"), local_only=True, loaded=sets)
-        tokenizer = _tokenizer(recipe, where)
-        if tokenizer is not None:
+        if (tokenizer := _tokenizer(recipe, where)) is not None:
             check_template(recipe, where, tokenizer, sets)
 
 
@@ -40,9 +38,14 @@ def _tokenizer(recipe: Recipe, where: str):
     """The tokenizer the ranks will load, or None when it is on the hub and not in the local cache."""
     ref = recipe.model.tokenizer or recipe.model.name_or_path
     key = "model.tokenizer" if recipe.model.tokenizer else "model.name_or_path"
-    local = Path(ref).is_dir()
-    if not local and not _in_hub_cache(ref):
-        return None  # not downloaded yet: the ranks download it
+    if not (local := Path(ref).is_dir()):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            if not isinstance(try_to_load_from_cache(ref, "tokenizer_config.json"), str):
+                return None  # not downloaded yet: the ranks download it
+        except Exception:  # not a valid repo id either: the ranks will say so
+            return None
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -54,15 +57,6 @@ def _tokenizer(recipe: Recipe, where: str):
         raise RecipeError(f"{ref}: the tokenizer ({key} in {where}) could not be loaded: {data.reason(err)}; check "
                           f"its files (tokenizer.json, tokenizer_config.json), or point {key} at another tokenizer"
                           ) from None
-
-
-def _in_hub_cache(repo: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo, "tokenizer_config.json"), str)
-    except Exception:  # not a valid repo id either: the ranks will say so
-        return False
 
 
 def check_template(recipe: Recipe, where: str, tokenizer, sets: list) -> None:
@@ -84,12 +78,11 @@ def check_template(recipe: Recipe, where: str, tokenizer, sets: list) -> None:
                           "are rendered with one; set training.chat_template_path to a .jinja template, or "
                           "model.tokenizer to a tokenizer that has a chat template")
     masks = bool(recipe.training.get("assistant_only_loss"))
-    if masks:
-        for key, path, ds in sets:
-            if not data.is_conversational(ds):
-                raise RecipeError(f"{where}: training.assistant_only_loss is true, but {path} ({key}) is not chat "
-                                  "messages; TRL masks assistant turns only in conversations: set "
-                                  "training.assistant_only_loss: false")
+    for key, path, ds in sets:
+        if masks and not data.is_conversational(ds):
+            raise RecipeError(f"{where}: training.assistant_only_loss is true, but {path} ({key}) is not chat "
+                              "messages; TRL masks assistant turns only in conversations: set "
+                              "training.assistant_only_loss: false")
     if masks and chats and not GENERATION_MARKERS.search(template):
         # without {% generation %} markers, TRL trains with its patched version of a template it knows (importing
         # TRL costs seconds: only on this path)

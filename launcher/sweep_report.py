@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,7 @@ from launcher.errors import RecipeError
 from launcher.sweep_space import short
 
 MANIFEST = "sweep.json"
-# Trainer bookkeeping logged with the eval metrics, not results.
-_NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second")
+_NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second")  # Trainer bookkeeping logged with eval_*
 
 
 def load_manifest(where: str, hint: str = "") -> tuple[Path, dict[str, Any]]:
@@ -24,16 +24,6 @@ def load_manifest(where: str, hint: str = "") -> tuple[Path, dict[str, Any]]:
         return path.parent, json.loads(path.read_text())
     except ValueError:
         raise RecipeError(f"{path}: not valid JSON{hint}") from None
-
-
-def trainer_state(run_dir: Path) -> dict[str, Any]:
-    """The loss history ({} if none): written beside the checkpoints when training ends, else the newest one's."""
-    for directory in [checkpoints.directory(run_dir), *reversed(checkpoints.listing(run_dir))]:
-        try:
-            return json.loads((directory / "trainer_state.json").read_text()) or {}
-        except (OSError, ValueError):
-            continue
-    return {}
 
 
 def status(entry: dict[str, Any], run_dir: Path, state: dict[str, Any]) -> str:
@@ -56,7 +46,11 @@ def report(where: str, metric: str | None = None) -> dict[str, Any]:
         run_dir = Path(entry["run_dir"])
         if not run_dir.exists() and (directory / entry["name"]).exists():  # the sweep was moved or copied here
             run_dir = directory / entry["name"]
-        state = trainer_state(run_dir)
+        state = {}  # the loss history: written beside the checkpoints when training ends, else the newest one's
+        for saved in [checkpoints.directory(run_dir), *reversed(checkpoints.listing(run_dir))]:
+            with contextlib.suppress(OSError, ValueError):
+                state = json.loads((saved / "trainer_state.json").read_text()) or {}
+                break
         # each logged key's last value (loss, eval_loss, train_loss, ...)
         values = {k: v for e in state.get("log_history", []) for k, v in e.items()
                   if isinstance(v, (int, float)) and k not in ("step", "epoch")}

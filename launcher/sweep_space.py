@@ -25,9 +25,8 @@ _CLOSE = {"[": "]", "{": "}", "'": "'", '"': '"'}
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with plain scalars typed as on the command line (python-fire): 1e-5 is a float, only true/false are
-    booleans and null/none null; no, on, 010, 1:30 and 2024-01-01 stay strings (YAML 1.1 reads a boolean, an octal,
-    a sexagesimal and a date)."""
+    """YAML with plain scalars typed as python-fire types flags: 1e-5 is a float, only true/false are booleans, null
+    and none null; no, on, 010, 1:30 and 2024-01-01 stay strings (YAML 1.1: boolean, octal, sexagesimal, date)."""
 
     yaml_implicit_resolvers: dict = {}
 
@@ -46,9 +45,8 @@ def parse_assignments(text: Any, flag: str, example: str) -> dict[str, str]:
     if first:
         raise RecipeError(f"command line: {flag}: expected section.key=... at {text.strip()!r}; e.g. {example}")
     keys = terms[::2]
-    for i, key in enumerate(keys):
-        if key in keys[:i]:
-            raise RecipeError(f"command line: {flag}: {key} is given twice")
+    if twice := next((key for i, key in enumerate(keys) if key in keys[:i]), None):
+        raise RecipeError(f"command line: {flag}: {twice} is given twice")
     return {key: value.strip() for key, value in zip(keys, terms[1::2], strict=True)}
 
 

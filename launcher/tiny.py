@@ -33,8 +33,7 @@ def build_model(config: dict, seed: int = 0):
                 "num_key_value_heads": max(1, SHAPE["num_attention_heads"] * kv_heads // heads), "dtype": "float32"}
     if isinstance(settings.get("layer_types"), list):  # per-layer attention kinds (sliding/full) follow layer count
         settings["layer_types"] = settings["layer_types"][: SHAPE["num_hidden_layers"]]
-    architecture = (config.get("architectures") or [""])[0]
-    cls = getattr(transformers, architecture, None) or transformers.AutoModelForCausalLM
+    cls = getattr(transformers, (config.get("architectures") or [""])[0], None) or transformers.AutoModelForCausalLM
     torch.manual_seed(seed)
     tiny = transformers.AutoConfig.for_model(config["model_type"], **settings)
     build = cls.from_config if cls is transformers.AutoModelForCausalLM else cls._from_config
@@ -51,17 +50,16 @@ def write(config: dict, tokenizer_ref: str, out: Path, seed: int = 0, trust_remo
     on the stand-in or None)."""
     from transformers import AutoTokenizer, GenerationConfig
 
+    note = None
     try:
-        tokenizer, note = AutoTokenizer.from_pretrained(tokenizer_ref, local_files_only=True,
-                                                        trust_remote_code=trust_remote_code), None
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_ref, local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
-        tokenizer = note = None
-    if tokenizer is None:
         stand_in = stand_in_tokenizer(config)
         if stand_in is None:
             raise RecipeError(f"--tiny: tokenizer {tokenizer_ref} is not on this machine and there is no stand-in for "
                               f"{config.get('model_type')} models with vocab_size {config.get('vocab_size')}; set "
-                              "model.tokenizer to a local tokenizer directory")
+                              "model.tokenizer to a local tokenizer directory") from None
         tokenizer = AutoTokenizer.from_pretrained(str(stand_in))
         note = (f"STAND-IN tokenizer {stand_in.name} (recipes/stand-ins: same special tokens, ids and chat template; "
                 f"{tokenizer_ref} is not available offline)")

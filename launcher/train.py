@@ -46,27 +46,22 @@ def run(recipe_path: str, overrides: dict) -> None:
         if rank == 0:  # every rank finds the same problem; say it once
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
-    except Exception as err:
-        print(crash_line(err, rank, run_dir), file=sys.stderr, flush=True)
+    except Exception as err:  # one line per failing rank, not a traceback from each: that goes to the run directory
+        where, kind = f"rank {rank} ({socket.gethostname()})", type(err).__name__
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        if any(c.__name__ == "DistError" for c in type(err).__mro__) or "Connection closed by peer" in str(err):
+            # when one rank dies the others fail in their next collective: briefly, pointing at the real error
+            line = f"error: {where} lost contact with another rank ({kind}: {first}); the rank that failed says why"
+        else:
+            line = f"error: {where} failed: {kind}: {first}"
+        if run_dir is None:
+            line += "\n" + traceback.format_exc()
+        else:
+            saved = run_dir / "ranks" / f"rank{rank}.traceback"
+            rundir.write_atomic(saved, traceback.format_exc())
+            line += f" [traceback: {saved}]"
+        print(line, file=sys.stderr, flush=True)
         sys.exit(1)
-
-
-def crash_line(err: Exception, rank: int, run_dir: Path | None) -> str:
-    """One line per failing rank instead of a traceback from each: the traceback goes to the run directory.
-
-    When one rank dies the others fail in their next collective; they say so briefly, pointing at the real error."""
-    where = f"rank {rank} ({socket.gethostname()})"
-    first = (str(err).strip().splitlines() or [""])[0][:300]
-    kind = type(err).__name__
-    if any(c.__name__ == "DistError" for c in type(err).__mro__) or "Connection closed by peer" in str(err):
-        line = f"error: {where} lost contact with another rank ({kind}: {first}); the rank that failed says why"
-    else:
-        line = f"error: {where} failed: {kind}: {first}"
-    if run_dir is None:
-        return line + "\n" + traceback.format_exc()
-    saved = run_dir / "ranks" / f"rank{rank}.traceback"
-    rundir.write_atomic(saved, traceback.format_exc())
-    return f"{line} [traceback: {saved}]"
 
 
 @dataclass
@@ -154,8 +149,7 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
 
 
 def train(built: Built, run: pipeline.Run, rank: int, world: int):
-    """Train from the gate's resume point; the final step always writes a sharded checkpoint. Returns rank 0's
-    W&B run (or None)."""
+    """From the gate's resume point; the last step always writes a sharded checkpoint. Returns rank 0's W&B run."""
     import torch
 
     from launcher import freeze
@@ -167,8 +161,12 @@ def train(built: Built, run: pipeline.Run, rank: int, world: int):
         print(f"training {recipe.run.name}: {len(built.train_set)} rows, {run.plan.batch}{start}{changed}", flush=True)
         if recipe.freeze:
             print(f"freeze: {freeze.describe(*built.trainable)}", flush=True)
-        tracker = start_tracking(recipe, run.run_dir, run.plan.ds_config, world, str(run.plan.batch))
-        if tracker:
+        if recipe.wandb is not None and recipe.wandb.mode != "disabled":
+            nodes = int(os.environ.get("CROSS_SIZE", "1"))  # set by DeepSpeed's launcher
+            config = tracking.run_config(recipes.to_dict(recipe), run.plan.ds_config, world, nodes, str(run.plan.batch),
+                                         run.run_dir)
+            tracker = tracking.start(recipe, run.run_dir, config)
+            print(f"W&B run {tracker.id} ({recipe.wandb.mode}): {tracker.url or run.run_dir / 'wandb'}", flush=True)
             trainer.add_callback(tracking.make_callback(tracker, world, modeling.parameter_count(trainer.model)))
     trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
     rundir.record_rank(run.run_dir, rank, world, trainer.model_wrapped.config)
@@ -187,7 +185,15 @@ def finish(built: Built, run: pipeline.Run, tracker, rank: int) -> None:
         print(f"stopped at step {stopper.stopped_at} on request, with a complete checkpoint; the same command "
               "continues the run", flush=True)
     else:
-        print(summary(built.trainer, run_dir), flush=True)
+        history, done = built.trainer.state.log_history, f"done: {built.trainer.state.global_step} steps"
+        losses, evals = [e["loss"] for e in history if "loss" in e], [e for e in history if "eval_loss" in e]
+        if losses:
+            done += f", training loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+        if evals:
+            shown = [k for k in ("loss", "perplexity", "accuracy", "f1", "mse") if f"eval_{k}" in evals[-1]]
+            done += "; last eval: " + ", ".join(f"{k} {evals[-1][f'eval_{k}']:.4g}" for k in shown)
+        checkpoint = resolve_checkpoint(run_dir)  # the newest complete one, as consolidation picks it
+        print(f"{done}\nrun directory: {run_dir}\ncheckpoint:    {checkpoint} (ZeRO shards of every rank)", flush=True)
         if run.recipe.run.consolidate:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -201,30 +207,6 @@ def finish(built: Built, run: pipeline.Run, tracker, rank: int) -> None:
         tracker.finish()
 
 
-def start_tracking(recipe, run_dir: Path, ds: dict, world: int, batch: str):
-    if recipe.wandb is None or recipe.wandb.mode == "disabled":
-        return None
-    nodes = int(os.environ.get("CROSS_SIZE", "1"))  # set by DeepSpeed's launcher
-    config = tracking.run_config(recipes.to_dict(recipe), ds, world, nodes, batch, run_dir)
-    run = tracking.start(recipe, run_dir, config)
-    print(f"W&B run {run.id} ({recipe.wandb.mode}): {run.url or run_dir / 'wandb'}", flush=True)
-    return run
-
-
-def summary(trainer, run_dir: Path) -> str:
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    lines = [f"done: {trainer.state.global_step} steps"]
-    if losses:
-        lines[0] += f", training loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
-    if evals:
-        shown = [k for k in ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_f1", "eval_mse") if k in evals[-1]]
-        lines[0] += "; last eval: " + ", ".join(f"{k.removeprefix('eval_')} {evals[-1][k]:.4g}" for k in shown)
-    checkpoint = resolve_checkpoint(run_dir)  # the newest complete one, as consolidation picks it
-    lines += [f"run directory: {run_dir}", f"checkpoint:    {checkpoint} (ZeRO shards of every rank)"]
-    return "\n".join(lines)
-
-
 def distributed_env() -> tuple[int, int]:
     """(rank, world size); a process started without a launcher becomes rank 0 of 1 on a free local port."""
     if "WORLD_SIZE" not in os.environ:
@@ -236,7 +218,6 @@ def distributed_env() -> tuple[int, int]:
 
 
 def main() -> None:
-    """Entry point for `python -m launcher.train` and `deepspeed --module launcher.train`."""
     import fire
 
     # The deepspeed launcher inserts --local_rank=N; LOCAL_RANK in the environment says the same.
