@@ -38,10 +38,6 @@ def complete(run_dir: Path) -> list[Path]:
     return [c for c in listing(run_dir) if is_complete(c)]
 
 
-def incomplete(run_dir: Path) -> list[Path]:
-    return [c for c in listing(run_dir) if not is_complete(c)]
-
-
 def marker(checkpoint: Path) -> dict:
     return json.loads((checkpoint / MARKER).read_text())
 
@@ -81,8 +77,9 @@ def resume_point(run_dir: Path, resume: str, world: int, requeued: bool = False)
     return checkpoint
 
 
-def set_aside(run_dir: Path, checkpoints: list[Path]) -> list[Path]:
+def set_aside(run_dir: Path) -> list[Path]:
     """Move incomplete checkpoints out of the way (to <run>/incomplete/), keeping them for inspection."""
+    checkpoints = [c for c in listing(run_dir) if not is_complete(c)]
     moved = [run_dir / "incomplete" / f"{c.name}-{time.strftime('%Y%m%d-%H%M%S')}" for c in checkpoints]
     for checkpoint, target in zip(checkpoints, moved, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ class Batch:
 
 
 def training_value(recipe: Recipe, key: str) -> Any:
-    return recipe.training.get(key, sft_fields.default(key))
+    return recipe.training.get(key, sft_fields.fields()[key].default)
 
 
 def resolve(recipe: Recipe, world: int, model_config: dict | None, where: str) -> tuple[dict, Batch]:
@@ -95,15 +95,13 @@ def zero_stage(ds: dict, label: str) -> int:
 
 def resolve_batch(recipe: Recipe, world: int, where: str) -> Batch:
     micro = training_value(recipe, "per_device_train_batch_size")
-    wanted = recipe.run.global_batch_size
-    if wanted is None:
+    if (wanted := recipe.run.global_batch_size) is None:
         return Batch(micro, training_value(recipe, "gradient_accumulation_steps"), world)
     if wanted % (micro * world):
         raise RecipeError(f"{where}: run.global_batch_size {wanted} is not divisible by micro batch {micro} x world "
                           f"size {world} = {micro * world}; change one of them")
     accumulation = wanted // (micro * world)
-    given = recipe.training.get("gradient_accumulation_steps")
-    if given is not None and given != accumulation:
+    if (given := recipe.training.get("gradient_accumulation_steps")) is not None and given != accumulation:
         raise RecipeError(f"{where}: training.gradient_accumulation_steps {given} contradicts run.global_batch_size "
                           f"{wanted} at world size {world} (needs {accumulation}); set only one of them")
     return Batch(micro, accumulation, world)
@@ -133,22 +131,17 @@ def _set_optimizer(ds: dict, recipe: Recipe) -> None:
 
 
 def _set_buckets(ds: dict, model_config: dict | None, label: str) -> None:
-    zero = ds.get("zero_optimization", {})
+    zero, config = ds.get("zero_optimization", {}), model_config or {}
     sizes = {"reduce_bucket_size": lambda h: h * h, "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
              "stage3_param_persistence_threshold": lambda h: 10 * h}
     for key, size in sizes.items():
         if zero.get(key) == "auto":
-            if (hidden := hidden_size(model_config)) is None:
+            hidden = config["hidden_size"] if "hidden_size" in config else (
+                (config.get("text_config") or {}).get("hidden_size") or config.get("d_model"))
+            if hidden is None:
                 raise RecipeError(f"{label}: zero_optimization.{key} is \"auto\", which needs the model's hidden "
                                   "size; set model.config to a local config.json or give a number")
             zero[key] = size(hidden)
-
-
-def hidden_size(model_config: dict | None) -> int | None:
-    config = model_config or {}
-    if "hidden_size" in config:
-        return config["hidden_size"]
-    return (config.get("text_config") or {}).get("hidden_size") or config.get("d_model")
 
 
 def _no_auto_left(ds: Any, label: str, path: str = "") -> None:

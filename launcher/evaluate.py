@@ -15,6 +15,7 @@ from launcher import classify
 from launcher.data import load_one
 from launcher.errors import RecipeError
 from launcher.modeling import auto_class_for, is_classifier
+from launcher.preflight import GENERATION_MARKERS
 from launcher.schema import DatasetSpec
 
 
@@ -89,7 +90,7 @@ def _lm_metrics(model, tokenizer, rows, prompts: int, max_new_tokens: int) -> di
     without their last assistant turn)."""
     import torch
 
-    total, count, marked = 0.0, 0, "generation" in (tokenizer.chat_template or "")
+    total, count, marked = 0.0, 0, bool(GENERATION_MARKERS.search(tokenizer.chat_template or ""))
     # conversational prompt/completion rows (lists of turns) are one conversation
     rows = [{"messages": [*r["prompt"], *r["completion"]]} if isinstance(r.get("prompt"), list) else r for r in rows]
     for row in rows:

@@ -69,7 +69,7 @@ def write(run: Run, files: dict[str, str], first_node: bool = True) -> None:
     first node also moves checkpoints cut short by an earlier crash out of the way and records the environment."""
     run_dir = run.run_dir
     if first_node:
-        for moved in checkpoints.set_aside(run_dir, checkpoints.incomplete(run_dir)):
+        for moved in checkpoints.set_aside(run_dir):
             print(f"skipping incomplete checkpoint (no {checkpoints.MARKER}; moved to {moved})", flush=True)
         (run_dir / STOPPED).unlink(missing_ok=True)
     rundir.prepare(run_dir, files)

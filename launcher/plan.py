@@ -11,7 +11,7 @@ from launcher import recipe as recipes
 from launcher.ds_config import Batch
 from launcher.errors import RecipeError
 from launcher.schema import Recipe
-from launcher.topology import Topology, deepspeed_command, generated_hostfile, rank_env, shell_line
+from launcher.topology import Topology, deepspeed_command, rank_env, shell_line
 
 
 @dataclass
@@ -40,8 +40,8 @@ class Plan:
         out = self.snapshot()
         if self.topology.node_rank == 0:  # one record of the command, not one per node overwriting each other
             out["command.txt"] = shell_line(self.env, self.command) + "\n"
-        if self.topology.nnodes > 1 and not self.topology.hostfile:
-            out["hostfile"] = generated_hostfile(self.topology)
+        if self.topology.nnodes > 1 and not self.topology.hostfile:  # DeepSpeed's no-ssh mode still needs one
+            out["hostfile"] = "".join(f"node{i} slots={n}\n" for i, n in enumerate(self.topology.slots))
         return out
 
 
@@ -49,35 +49,28 @@ def make(recipe_path: str, overrides: dict[str, Any], topology) -> Plan:
     """The recipe loaded, every rule checked and the DeepSpeed config resolved for `topology`: a Topology, a
     function of the recipe giving one, or None for the Slurm job's ranks (the recipe's slurm section)."""
     recipe = recipes.load(recipe_path, overrides)
-    topology = topology(recipe) if callable(topology) else topology or job_topology(recipe, recipe_path)
+    if callable(topology):
+        topology = topology(recipe)
+    elif topology is None:
+        if (per_node := recipe.slurm.gpus_per_node) is None:
+            raise RecipeError(f"{recipe_path}: slurm.gpus_per_node is not set; pass --gpus_per_node (ranks per node)")
+        topology = Topology((per_node,) * recipe.slurm.nodes)
     config = recipes.model_config(recipe, recipe_path)
     ds, batch = ds_config.resolve(recipe, topology.world, config, recipe_path)
     rules.check(recipe, ds, ds_config.zero_stage(ds, ""), config, recipe_path, ds_config.template_label(recipe))
     run_dir = Path(recipe.run.output_dir)
     hostfile = str(run_dir / "hostfile") if topology.nnodes > 1 and not topology.hostfile else None
     command = deepspeed_command(topology, [str(run_dir / "recipe.yaml")], hostfile)
-    trainable, count = trainable_params(recipe, config, recipe_path)
+    # (trainable, total) of the task's model, frozen on the meta device: freeze rules matching nothing fail here,
+    # before any launch. Skipped when nothing is frozen and the model is a plain causal LM (no transformers import).
+    trainable = count = None
+    if config is not None and (recipe.freeze is not None or recipe.task != "sft"):
+        from launcher import freeze, modeling
+
+        model = modeling.meta_model(recipe)
+        trainable, count = freeze.apply(model, recipe.freeze, recipe_path), memory.count_model(model)
     params, estimate = memory_line(recipe, config, ds, topology, count)
     return Plan(recipe_path, recipe, topology, ds, batch, rank_env(topology), command, estimate, params, trainable)
-
-
-def trainable_params(recipe: Recipe, config: dict | None, where: str):
-    """((trainable, total), ParamCount) of the task's model with the freeze applied, from a meta-device build, or
-    (None, None) when nothing is frozen and the model is a plain causal LM (the fast path: no transformers import).
-    Freeze rules that match nothing fail here, before any launch."""
-    if config is None or (recipe.freeze is None and recipe.task == "sft"):
-        return None, None
-    from launcher import freeze, modeling
-
-    model = modeling.meta_model(recipe)
-    return freeze.apply(model, recipe.freeze, where), memory.count_model(model)
-
-
-def job_topology(recipe: Recipe, where: str) -> Topology:
-    options = recipe.slurm
-    if options.gpus_per_node is None:
-        raise RecipeError(f"{where}: slurm.gpus_per_node is not set; pass --gpus_per_node (ranks per node)")
-    return Topology((options.gpus_per_node,) * options.nodes)
 
 
 def memory_line(recipe: Recipe, config: dict | None, ds: dict, topology: Topology,
@@ -93,9 +86,8 @@ def memory_line(recipe: Recipe, config: dict | None, ds: dict, topology: Topolog
     device, cpu = memory.model_states_bytes(count, stage, topology.nnodes, topology.slots[0], off_opt, off_param)
     where = ", ".join(w for w, on in (("optimizer", off_opt), ("parameters", off_param)) if on)
     line = (f"{memory.format_bytes(device)} per device and {memory.format_bytes(cpu)} CPU per node for model states "
-            f"of {count.total / 1e6:,.1f} M params at ZeRO-{stage}" + (f", {where} offloaded" if where else ""))
-    if recipe.lora:
-        line += " (full fine-tune figure: an upper bound for LoRA)"
+            f"of {count.total / 1e6:,.1f} M params at ZeRO-{stage}" + (f", {where} offloaded" if where else "")
+            + (" (full fine-tune figure: an upper bound for LoRA)" if recipe.lora else ""))
     return count.total, line
 
 

@@ -24,13 +24,6 @@ def is_override(key: str) -> bool:
 
 def load(path: str, overrides: dict[str, Any] | None = None) -> Recipe:
     """Parse, override, validate and resolve paths. Raises RecipeError naming the file and key."""
-    raw = read_yaml(path)
-    apply_overrides(raw, overrides or {}, path)
-    where = f"{path} (with overrides {', '.join('--' + k for k in overrides)})" if overrides else path
-    return resolve_paths(schema.build(Recipe, raw, where), where)
-
-
-def read_yaml(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise RecipeError(f"{path}: recipe file not found")
@@ -46,7 +39,9 @@ def read_yaml(path: str) -> dict[str, Any]:
         raise RecipeError(f"{path}: recipe is empty; see recipes/smoke.yaml for the expected sections")
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections (run, model, data, training, ...)")
-    return raw
+    apply_overrides(raw, overrides or {}, path)
+    where = f"{path} (with overrides {', '.join('--' + k for k in overrides)})" if overrides else path
+    return resolve_paths(schema.build(Recipe, raw, where), where)
 
 
 def apply_overrides(raw: dict, overrides: dict[str, Any], path: str) -> None:

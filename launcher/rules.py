@@ -17,9 +17,20 @@ def check(recipe: Recipe, ds: dict, stage: int, model_config: dict | None, where
     """ds: the DeepSpeed template merged with deepspeed.overrides (label names it)."""
     check_training(recipe, where)
     check_task(recipe, where)
-    check_deepspeed(recipe, ds, stage, label, where)
+    zero, lora = ds.get("zero_optimization", {}), recipe.lora
+    if lora and lora.quantize != "none" and stage == 3:
+        raise RecipeError(f"{where}: lora.quantize {lora.quantize} (QLoRA) cannot run with ZeRO-3 ({label}); "
+                          "use deepspeed.config zero2")
+    if lora and stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        raise RecipeError(f"{where}: LoRA with ZeRO-3 saves empty adapters unless "
+                          f"zero_optimization.stage3_gather_16bit_weights_on_model_save is true ({label}); set it in "
+                          "deepspeed.overrides")
+    if ds_config.offload(ds)[1] and stage != 3:
+        raise RecipeError(f"{label}: zero_optimization.offload_param needs stage 3 (stage is {stage})")
     check_lora_targets(recipe, model_config, where)
-    check_sbatch(recipe, where)
+    for option in recipe.slurm.sbatch:
+        if "\n" in option or not option.startswith("-"):
+            fail(where, "slurm.sbatch", f"{option!r} is not one sbatch option like --mem=0")
 
 
 def check_training(recipe: Recipe, where: str) -> None:
@@ -68,19 +79,6 @@ def check_task(recipe: Recipe, where: str) -> None:
         fail(where, "freeze", "and lora both choose what trains: LoRA already freezes the base model; remove one")
 
 
-def check_deepspeed(recipe: Recipe, ds: dict, stage: int, label: str, where: str) -> None:
-    zero, lora = ds.get("zero_optimization", {}), recipe.lora
-    if lora and lora.quantize != "none" and stage == 3:
-        raise RecipeError(f"{where}: lora.quantize {lora.quantize} (QLoRA) cannot run with ZeRO-3 ({label}); "
-                          "use deepspeed.config zero2")
-    if lora and stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-        raise RecipeError(f"{where}: LoRA with ZeRO-3 saves empty adapters unless "
-                          f"zero_optimization.stage3_gather_16bit_weights_on_model_save is true ({label}); set it in "
-                          "deepspeed.overrides")
-    if ds_config.offload(ds)[1] and stage != 3:
-        raise RecipeError(f"{label}: zero_optimization.offload_param needs stage 3 (stage is {stage})")
-
-
 def check_lora_targets(recipe: Recipe, config: dict | None, where: str) -> None:
     """Catch LoRA targets that match nothing now, for known architectures; the worker checks the others."""
     if not recipe.lora or isinstance(recipe.lora.target_modules, str) or config is None:
@@ -93,9 +91,3 @@ def check_lora_targets(recipe: Recipe, config: dict | None, where: str) -> None:
         if target.rsplit(".", 1)[-1] not in known:
             raise RecipeError(f"{where}: lora.target_modules '{target}' matches no module of this "
                               f"{config.get('model_type')} model; it has {', '.join(sorted(known))}")
-
-
-def check_sbatch(recipe: Recipe, where: str) -> None:
-    for option in recipe.slurm.sbatch:
-        if "\n" in option or not option.startswith("-"):
-            fail(where, "slurm.sbatch", f"{option!r} is not one sbatch option like --mem=0")

@@ -19,7 +19,6 @@ PACKAGES = ("launcher", "torch", "transformers", "trl", "peft", "deepspeed", "ac
 
 
 def prepare(run_dir: Path, files: dict[str, str]) -> None:
-    """Create the run directory and write `files` (content by file name)."""
     for name, text in files.items():
         write_atomic(run_dir / name, text)
 

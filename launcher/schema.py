@@ -212,10 +212,10 @@ def _build_dataclass(cls: type, value: Any, where: str, path: str) -> Any:
     fields, hints = {f.name: f for f in dataclasses.fields(cls)}, typing.get_type_hints(cls)
     for key in value:
         if key not in fields:
-            fail(where, _join(path, key), "is not a known key" + did_you_mean(key, fields))
+            fail(where, f"{path}.{key}" if path else str(key), "is not a known key" + did_you_mean(key, fields))
     kwargs = {}
     for name, f in fields.items():
-        key = _join(path, name)
+        key = f"{path}.{name}" if path else name
         if name in value:
             convert = f.metadata.get("convert")
             raw = convert(value[name], where) if convert else build(hints[name], value[name], where, key)
@@ -264,7 +264,6 @@ TRAINING_CHECKS = {"max_steps": (lambda v: v == -1 or v > 0, "must be -1 (use ep
 
 
 def training_args(raw: Any, where: str) -> dict[str, Any]:
-    """Validate the `training` section against SFTConfig's field names and types."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -330,10 +329,6 @@ def did_you_mean(key: str, choices) -> str:
     if close := difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6):
         return f" (did you mean '{close[0]}'?)"
     return f" (valid: {', '.join(sorted(choices))})" if len(choices) <= 12 else ""
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else str(key)
 
 
 def _kind(value: Any) -> str:

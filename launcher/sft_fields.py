@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-NO_DEFAULT = object()
+NO_DEFAULT = object()  # a field's default when it is not a literal
 
 # Where each class of SFTConfig's inheritance chain is defined, base first (later classes override defaults).
 CHAIN = (("transformers", "training_args.py", "TrainingArguments"), ("trl", "trainer/base_config.py", "_BaseConfig"),
@@ -38,11 +38,6 @@ def sft_only() -> frozenset[str]:
     return frozenset(set(fields()) - set(_fields_of(*CHAIN[0])))
 
 
-def default(name: str) -> Any:
-    """SFTConfig's default for `name` (NO_DEFAULT when it is not a literal)."""
-    return fields()[name].default
-
-
 @functools.cache
 def _fields_of(package: str, module: str, cls: str) -> dict[str, Field]:
     spec = importlib.util.find_spec(package)
@@ -55,15 +50,6 @@ def _fields_of(package: str, module: str, cls: str) -> dict[str, Field]:
 
 
 KINDS = {"bool": "bool", "int": "int", "float": "float", "None": "none", "list": "list", "dict": "dict"}
-
-
-def _kinds(annotation: ast.expr) -> frozenset[str]:
-    """Map an annotation like `int | str | None` to plain kinds; enums and Literal strings count as str."""
-    names = _names(annotation)
-    if "Any" in names:
-        return frozenset({*KINDS.values(), "str"})
-    kinds = {KINDS.get(name, "str") for name in names}
-    return frozenset(kinds | {"int"} if "float" in kinds else kinds)
 
 
 def _names(node: ast.expr) -> list[str]:
@@ -96,4 +82,7 @@ def _field(stmt: ast.AnnAssign) -> Field:
     helps = [str(text.value) for key, text in zip(meta.keys, meta.values, strict=True)
              if isinstance(key, ast.Constant) and key.value == "help" and isinstance(text, ast.Constant)
              ] if isinstance(meta, ast.Dict) else []
-    return Field(_kinds(stmt.annotation), default, helps[0] if helps else "")
+    # the annotation (`int | str | None`) as plain kinds: enums and Literal strings count as str; a float takes ints
+    names = _names(stmt.annotation)
+    kinds = {*KINDS.values(), "str"} if "Any" in names else {KINDS.get(name, "str") for name in names}
+    return Field(frozenset(kinds | {"int"} if "float" in kinds else kinds), default, helps[0] if helps else "")

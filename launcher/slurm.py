@@ -60,7 +60,7 @@ def sbatch_options(options: SlurmSection, gpus: bool) -> list[str]:
     out += [f"--{key}={value}" for key, value in values.items() if value is not None]
     out += ["--exclusive"] if options.exclusive else []
     out += [f"--signal=B:USR1@{options.signal_grace}"] if options.signal_grace else []
-    return out + options.sbatch  # each checked by rules.check_sbatch
+    return out + options.sbatch  # each checked by rules.check
 
 
 def cluster_has_gpus() -> bool:

@@ -58,9 +58,8 @@ def build(recipe: str, common: dict[str, Any], points: list[dict[str, Any]], spe
             raise RecipeError(f"command line: {key} is both swept and set with --{key}; drop one")
     base = recipes.load(recipe, common)
     width = max(2, len(str(len(points) - 1)))
-    variants = [Variant(variant_name(index, width, point), point) for index, point in enumerate(points)]
     return Sweep(recipe, common, Path(f"{base.run.output_dir}-sweep"), base.run.name, base.wandb is not None,
-                 variants, spec)
+                 [Variant(variant_name(index, width, point), point) for index, point in enumerate(points)], spec)
 
 
 def validate(sweep: Sweep, topo: topology.Topology | None) -> list[pipeline.Run]:

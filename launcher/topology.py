@@ -63,8 +63,7 @@ def read_hostfile(path: str) -> tuple[int, ...]:
         raise RecipeError(f"{path}: hostfile not found") from None
     slots = []
     for number, line in enumerate(lines, 1):
-        words = line.split("#")[0].split()
-        if not words:
+        if not (words := line.split("#")[0].split()):
             continue
         if len(words) != 2 or not words[1].startswith("slots=") or not words[1][6:].isdigit():
             raise RecipeError(f"{path}: line {number} should read 'hostname slots=N', got {line.strip()!r}")
@@ -76,8 +75,7 @@ def read_hostfile(path: str) -> tuple[int, ...]:
 
 def local_devices() -> int:
     """Visible CUDA devices, counted without importing torch (plan must stay fast)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
+    if (visible := os.environ.get("CUDA_VISIBLE_DEVICES")) is not None:
         return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
     return len(glob.glob("/dev/nvidia[0-9]*"))
 
@@ -94,13 +92,7 @@ def rank_env(topology: Topology) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(per_rank), **env}
 
 
-def generated_hostfile(topology: Topology) -> str:
-    """For --nnodes without a hostfile: DeepSpeed's no-ssh mode still needs one listing every node."""
-    return "".join(f"node{i} slots={n}\n" for i, n in enumerate(topology.slots))
-
-
 def deepspeed_command(topology: Topology, worker_args: list[str], hostfile: str | None) -> list[str]:
-    """The exact `deepspeed` launcher invocation for this node."""
     beside = Path(sys.executable).parent / "deepspeed"  # this environment's script: its shebang is this interpreter
     cmd = [str(beside) if beside.exists() else "deepspeed"]
     if topology.hostfile:

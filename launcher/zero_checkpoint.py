@@ -31,8 +31,7 @@ class ZeroCheckpoint:
         self.dir = step_dir = checkpoint / latest.read_text().strip()
         if not step_dir.is_dir():
             raise RecipeError(f"{checkpoint}: 'latest' names {step_dir.name}, which does not exist")
-        states = sorted(step_dir.glob("*model_states.pt"))
-        if not states:
+        if not (states := sorted(step_dir.glob("*model_states.pt"))):
             raise RecipeError(f"{step_dir}: no *model_states.pt files; not a DeepSpeed checkpoint")
         first = load(states[0])
         self.world = first["dp_world_size"]
