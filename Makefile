@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest tests
 
 test-unit: setup
-	$(PY) -m pytest tests/unit
+	$(PY) -m pytest tests/unit -n auto  # a worker per core (pytest-xdist): no test here starts ranks or a cluster
 
 test-integration: setup
 	$(PY) -m pytest tests/integration tests/slurm
