@@ -72,3 +72,13 @@ def test_resume_never_and_a_path_apply_to_the_first_start_only(tmp_path):
     assert checkpoints.resume_point(run_dir, str(older), 2) == older  # a PATH of this run rolls back to it
     assert checkpoints.resume_point(tmp_path / "fresh", str(foreign), 2) == foreign  # the first start
     assert checkpoints.resume_point(tmp_path / "fresh", "never", 2, requeued=True) is None
+
+
+def test_a_checkpoint_of_another_zero_stage_is_refused(recipe_factory, tmp_path):
+    """Where deepspeed.config lives does not identify the run, but its stage does: the shards are laid out per stage."""
+    checkpoint = fake_checkpoint(tmp_path / "run", 20, world=2)
+    marker = checkpoint / "complete.json"
+    marker.write_text(marker.read_text().replace("}", ', "zero_stage": 2}'))
+    result = submit(recipe_factory(), "--training.max_steps=300")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stdout + result.stderr
+    assert "checkpoint-20: saved under ZeRO-2, and deepspeed.config is ZeRO-3 now" in result.stderr
