@@ -36,11 +36,19 @@ def test_each_node_gets_its_own_rank_and_the_same_rendezvous(job):
     assert rc == 0, output
     launches = [c for c in calls if " launch " in c]
     assert len(launches) == 2
-    port = 20000 + 4242 % 20000
+    port = 24242  # 20000 + job id mod 12000
     for node, line in enumerate(launches):
         assert f"node={node} " in line and f"--node_rank {node} " in line, line
         assert f"--master_addr gpu-a --master_port {port}" in line, line  # first node of the allocation
         assert "--nnodes 2 " in line and "--nproc_per_node 4 " in line
+
+
+@pytest.mark.parametrize("job_id", ["11999", "12767", "19999", "987654321"])
+def test_port_stays_below_the_ephemeral_range(job, job_id):
+    """Linux hands out 32768-60999 for outgoing connections: a master port there can be taken already."""
+    _, _, calls = job(SLURM_JOB_ID=job_id)
+    ports = {int(c.split("--master_port ")[1].split()[0]) for c in calls if " launch " in c}
+    assert len(ports) == 1 and all(1024 < port < 32768 for port in ports), ports
 
 
 def test_port_differs_between_jobs(job):
