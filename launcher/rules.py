@@ -31,6 +31,18 @@ def check(recipe: Recipe, ds: dict, stage: int, model_config: dict | None, where
     for option in recipe.slurm.sbatch:
         if "\n" in option or not option.startswith("-"):
             fail(where, "slurm.sbatch", f"{option!r} is not one sbatch option like --mem=0")
+    grace, limit = recipe.slurm.signal_grace, recipe.slurm.time
+    if grace and limit and grace >= seconds(limit):  # USR1 at once: every requeue trains a step and requeues again
+        fail(where, "slurm.signal_grace", f"is {grace} s, which does not fit inside slurm.time {limit} "
+             f"({seconds(limit)} s): give a smaller grace, a longer time, or signal_grace 0")
+
+
+def seconds(limit: str) -> int:
+    """A Slurm time limit in seconds: MM, MM:SS, HH:MM:SS, or with days D-HH, D-HH:MM, D-HH:MM:SS."""
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    h, m, s = (parts + [0, 0])[:3] if days else {1: [0, *parts, 0], 2: [0, *parts], 3: parts}[len(parts)]
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
 
 def check_training(recipe: Recipe, where: str) -> None:

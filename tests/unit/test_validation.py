@@ -146,3 +146,17 @@ def test_plan_runs_every_cross_field_rule_even_the_cluster_ones(recipe_factory):
     """A bad sbatch option was caught only at submit; every rule lives in one place now, and plan runs it."""
     assert_rejected(cli("plan", recipe_factory(slurm={"sbatch": ["mem=0"]})), "slurm.sbatch", "'mem=0'",
                     "one sbatch option")
+
+
+@pytest.mark.parametrize(("time", "grace", "refused"), [("00:02:00", 300, True), ("5", 300, True),
+                                                         ("00:10:00", 300, False), ("1-00", 300, False),
+                                                         ("00:02:00", 0, False)])
+def test_a_signal_grace_that_does_not_fit_the_time_limit_is_refused(recipe_factory, time, grace, refused):
+    """USR1 grace seconds before the limit: a grace as long as the limit stops and requeues every job at once."""
+    result = cli("submit", recipe_factory(slurm={"signal_grace": grace}), "--gpus_per_node", 1, "--time", time,
+                 "--dry_run")
+    if refused:
+        assert_rejected(result, "slurm.signal_grace", f"is {grace} s", f"slurm.time {time}")
+    else:
+        assert result.returncode == 0, result.stderr
+        assert ("#SBATCH --signal=B:USR1@300" in result.stdout) == bool(grace)
