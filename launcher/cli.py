@@ -88,6 +88,9 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
              "account": account, "qos": qos}
     overrides = {**_split(overrides, submit), **{f"slurm.{k}": v for k, v in flags.items() if v is not None}}
     run = pipeline.prepare(recipe, overrides, None, check_data=not preflight)  # the dry run loads the data
+    if run.finished and not dry_run:  # before minutes of --preflight that could only end in "nothing to submit"
+        print(run.status().replace("nothing to do", "nothing to submit"), flush=True)
+        return
     if preflight:
         train(recipe, dry_run=preflight, tiny=tiny, **overrides)  # exits non-zero, naming the stage, if one fails
     run_dir, rec, gpus = run.run_dir, run.recipe, slurm.cluster_has_gpus()
@@ -96,9 +99,6 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
               f"memory: {run.plan.memory}\n{run.status()}\nlog: {slurm.log_pattern(run_dir)}")
     if dry_run:
         print(f"{header}\n--- {run_dir / slurm.SCRIPT} (dry run: nothing written, nothing submitted)\n{script}")
-        return
-    if run.finished:
-        print(run.status().replace("nothing to do", "nothing to submit"), flush=True)
         return
     slurm.refuse_active_job(run_dir)
     pipeline.write(run, {**run.plan.snapshot(), slurm.SCRIPT: script})

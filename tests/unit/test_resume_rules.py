@@ -82,3 +82,11 @@ def test_a_checkpoint_of_another_zero_stage_is_refused(recipe_factory, tmp_path)
     result = submit(recipe_factory(), "--training.max_steps=300")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stdout + result.stderr
     assert "checkpoint-20: saved under ZeRO-2, and deepspeed.config is ZeRO-3 now" in result.stderr
+
+
+def test_a_finished_run_is_not_preflighted_or_submitted(finished_run):
+    """--preflight on a finished run would spend minutes on a dry run only to submit nothing."""
+    result = cli("submit", finished_run, *JOB, "--preflight", "--tiny")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "already trained to the end (checkpoint-150); nothing to submit" in result.stdout
+    assert "--- dry run report" not in result.stdout and "submitted job" not in result.stdout
