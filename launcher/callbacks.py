@@ -24,8 +24,28 @@ class CompleteCheckpoints(TrainerCallback):
     def __init__(self, run_dir: Path, world: int, zero_stage: int, keep: int | None):
         self.run_dir, self.world, self.zero_stage, self.keep = run_dir, world, zero_stage, keep
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # after a rollback: checkpoints of the continuation it abandons
+            for moved in checkpoints.set_aside_after(self.run_dir, state.global_step):
+                print(f"rolled back to step {state.global_step}: moved {moved.name} to {moved.parent}", flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """A save follows, perhaps into an existing checkpoint-N (a USR1 stop under save_strategy epoch saves the same
+        step again at the epoch's end): its marker goes first, and the barrier holds every rank back until it is
+        gone, so no byte of the new save lands under the old marker. Runs after the callbacks that set should_save
+        (HF's flow callback comes first; train.build puts StopOnRequest before this one)."""
+        if control.should_save:
+            if state.is_world_process_zero:
+                checkpoints.unmark(self._checkpoint(state))
+            dist.barrier()
+
+    on_epoch_end = on_step_end
+
+    def _checkpoint(self, state) -> Path:
+        return checkpoints.directory(self.run_dir) / f"checkpoint-{state.global_step}"
+
     def on_save(self, args, state, control, **kwargs):
-        checkpoint = checkpoints.directory(self.run_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = self._checkpoint(state)
         os.sync()  # this rank's shard files, on their way to disk before anyone declares the checkpoint whole
         dist.barrier()
         if state.is_world_process_zero:

@@ -4,7 +4,7 @@ Full fine-tunes stream: one tensor at a time is read from the memory-mapped rank
 into its output shard (launcher/safetensors_stream.py), so memory holds about one tensor, not a model or a shard.
 LoRA runs merge the adapter into the base weights with peft (the model is held in memory once) and keep the adapter
 beside the merged model. Everything is checked before anything is written, and written into a temporary directory
-renamed into place at the end.
+that is fsynced and renamed into place at the end. OUTPUT never overlaps the checkpoint it is built from.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,7 +34,8 @@ def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shar
                 base_model: str | None = None, overwrite: bool = False, progress=print) -> Path:
     """Build OUTPUT from CHECKPOINT (an HF checkpoint-N, a bare DeepSpeed dir, or a run directory)."""
     source = resolve_checkpoint(Path(checkpoint))
-    out = Path(output).absolute()
+    out = Path(output).resolve()  # a symlinked OUTPUT: the directory it names is replaced, the link kept
+    check_apart(source, out, Path(output))
     if out.exists() and not overwrite:
         raise RecipeError(f"{out}: already exists; pass --overwrite to replace it")
     size = str(max_shard_size).strip().upper().replace(" ", "")  # no unit ends with another: any order matches
@@ -51,13 +52,16 @@ def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shar
     lora = (source / "adapter_config.json").is_file()
     progress(f"consolidating {source} (ZeRO-{zero.stage}, {zero.world} ranks, {len(zero.entries)} tensors"
              f"{', LoRA' if lora else ''}) -> {out} [{torch_dtype}]")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not mkdtemp, whose 0700 locks out the team and the serving account: modes follow the umask, as cp's
     try:
         (_merge_lora if lora else _stream_full)(zero, source, config_dir, tmp, torch_dtype, shard_bytes, progress)
         model_card.write(tmp, source, zero.global_steps)
+        sync_tree(tmp)  # the files and their entries are on disk before the rename makes them the model
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
+        checkpoints.sync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     progress(f"consolidated model: {out}")
@@ -77,14 +81,37 @@ def _stream_full(zero: ZeroCheckpoint, source: Path, config_dir: str, tmp: Path,
         side.result()
 
 
+def check_apart(source: Path, out: Path, given: Path) -> None:
+    """OUTPUT is replaced whole, so it must neither be, hold, nor lie inside the checkpoint read or the checkpoints/
+    directory around it (RUN_DIR/final is fine). Compared as real paths: a symlink cannot hide an overlap."""
+    source = source.resolve()
+    kept = [source, source.parent] if source.name.startswith("checkpoint-") else [source]
+    for path in kept:
+        if out == path or path in out.parents or out in path.parents:
+            raise RecipeError(f"{given}: OUTPUT overlaps {path}, which holds the checkpoint being consolidated; "
+                              "replacing OUTPUT would delete it: give a directory outside it, like RUN_DIR/final")
+
+
+def sync_tree(top: Path) -> None:
+    for root, _, names in os.walk(top):
+        for name in names:
+            with open(Path(root) / name, "rb") as f:
+                os.fsync(f.fileno())
+        checkpoints.sync_dir(Path(root))
+
+
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint dir as given, or the newest complete checkpoint of a run directory."""
+    """A checkpoint dir as given, or the newest complete checkpoint of a run directory; a marked checkpoint's files
+    must match its marker."""
     if not path.exists():
         raise RecipeError(f"{path}: does not exist")
     if (path / "latest").is_file():
+        if checkpoints.is_complete(path):  # a bare DeepSpeed directory has no marker
+            checkpoints.verify(path)
         return path
     for run_dir in (path, path.parent):  # a run directory, or its checkpoints/ directory
         if done := checkpoints.complete(run_dir):
+            checkpoints.verify(done[-1])
             return done[-1]
         if partial := ", ".join(c.name for c in checkpoints.listing(run_dir)):
             raise RecipeError(f"{path}: no complete checkpoint ({partial} lack the {checkpoints.MARKER} marker "

@@ -5,7 +5,7 @@ Rules on one key live on the key, in schema.py. These need the merged DeepSpeed 
 
 from __future__ import annotations
 
-from launcher import ds_config, memory, sft_fields
+from launcher import ds_config, ds_fields, memory, sft_fields
 from launcher.errors import RecipeError
 from launcher.schema import Recipe, fail
 
@@ -28,6 +28,7 @@ def check(recipe: Recipe, ds: dict, stage: int, model_config: dict | None, where
     if ds_config.offload(ds)[1] and stage != 3:
         raise RecipeError(f"{label}: zero_optimization.offload_param needs stage 3 (stage is {stage})")
     check_lora_targets(recipe, model_config, where)
+    ds_fields.check(ds, recipe.deepspeed.overrides, where, label)
     for option in recipe.slurm.sbatch:
         if "\n" in option or not option.startswith("-"):
             fail(where, "slurm.sbatch", f"{option!r} is not one sbatch option like --mem=0")
@@ -61,6 +62,14 @@ def check_training(recipe: Recipe, where: str) -> None:
     if t.get("eval_strategy", "no") != "no" and not recipe.data.eval and not recipe.data.eval_fraction:
         fail(where, "training.eval_strategy", "asks for evaluation but there is no data.eval and "
              "data.eval_fraction is 0")
+    # Resume, consolidation and retention go by the newest complete checkpoint, and the last step must write one
+    if (strategy := str(ds_config.training_value(recipe, "save_strategy")).lower()) in ("no", "best"):
+        fail(where, "training.save_strategy", f"is {strategy}, so the last step is not saved: the run could not be "
+             "consolidated, or known to be finished; use steps (with save_steps) or epoch")
+    if t.get("load_best_model_at_end"):
+        fail(where, "training.load_best_model_at_end", "is not supported: consolidation takes the newest complete "
+             "checkpoint and retention keeps the newest; remove it, and consolidate the checkpoint you want with "
+             "launcher consolidate RUN_DIR/checkpoints/checkpoint-N OUTPUT")
 
 
 def check_task(recipe: Recipe, where: str) -> None:

@@ -67,6 +67,5 @@ def _write_shard(path: Path, shard: list, reader: dict, dtype: str, after_each) 
                 raise ValueError(f"{name}: read {written} values, planned {math.prod(shape)}")
             if after_each:
                 after_each()
-    # No fsync: the directory is renamed into place only when complete, so an interrupted run leaves no model;
-    # surviving power loss would cost ~1.7 s per 1.5 GB here, for files the checkpoint can always rebuild.
+    # No fsync here: launcher/consolidate.py syncs the whole directory once, before renaming it into place.
     return offset

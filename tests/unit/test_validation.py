@@ -41,6 +41,12 @@ CASES = {
     "launcher-owned key": ({"training": {"output_dir": "/tmp/x"}}, ["training.output_dir", "run.output_dir"]),
     "missing required key": ({"drop": ("run.name",)}, ["run.name", "required"]),
     "bf16 and fp16": ({"training": {"bf16": True, "fp16": True}}, ["training.bf16", "fp16"]),
+    "nothing saved": ({"training": {"save_strategy": "no"}}, ["training.save_strategy", "is no", "steps"]),
+    "last step unsaved": ({"training": {"save_strategy": "best", "metric_for_best_model": "eval_loss"}},
+                          ["training.save_strategy", "is best", "last step is not saved"]),
+    "best model at end ignored": ({"training": {"load_best_model_at_end": True}},
+                                  ["training.load_best_model_at_end", "newest complete checkpoint",
+                                   "launcher consolidate"]),
 }
 
 
