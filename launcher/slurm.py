@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -10,13 +12,16 @@ from pathlib import Path
 
 from launcher import assets
 from launcher.errors import RecipeError
-from launcher.schema import SlurmSection
+from launcher.schema import SlurmSection, fail
 
 SCRIPT = "job.sbatch"
 
+# wandb.log_model uploads this final/, the one the step before it wrote (the training step ran without consolidation)
 CONSOLIDATE = """
 echo "launcher: training finished; consolidating into $RUN_DIR/final"
-srun --nodes=1 --ntasks=1 "$LAUNCHER_PYTHON" -m launcher consolidate "$RUN_DIR" "$RUN_DIR/final" --overwrite
+srun --nodes=1 --ntasks=1 --cpus-per-task="$CPUS" "$LAUNCHER_PYTHON" -m launcher consolidate "$RUN_DIR" \\
+    "$RUN_DIR/final" --overwrite
+srun --nodes=1 --ntasks=1 "$LAUNCHER_PYTHON" -m launcher.tracking "$RUN_DIR"
 """
 
 ARRAY_RUN_DIR = """# job array: task i trains the i-th run directory of the sweep (counted from 0)
@@ -34,18 +39,25 @@ def log_pattern(run_dir: Path, array: bool = False) -> str:
 
 
 def render(run_dir: Path, name: str, options: SlurmSection, consolidate: bool, gpus: bool,
-           array: list[Path] | None = None, max_parallel: int | None = None) -> str:
+           array: list[Path] | None = None, max_parallel: int | None = None, where: str = "recipe") -> str:
     """The job script. With `array` (the sweep's run directories), one job array: task i trains array[i], at most
     `max_parallel` at a time; run_dir is then the sweep directory, for the logs and the job's comment."""
+    for key, value in (("run.name", name), ("run.output_dir", str(run_dir))):
+        if bad := re.search(r"[\x00-\x1f\x7f\\]" + ("|/" if key == "run.name" else ""), value):
+            fail(where, key, f"is {value!r}: a Slurm job cannot take {bad.group()!r} in its name or log path "
+                 "(sbatch reads one line per #SBATCH option; %x in --output puts the name in a file name)")
     parallel = f"%{max_parallel}" if max_parallel else ""
-    options_lines = sbatch_options(options, gpus) + ([f"--array=0-{len(array) - 1}{parallel}"] if array else [])
+    array_option = [f"--array=0-{len(array) - 1}{parallel}"] if array else []
+    options_lines = sbatch_options(options, gpus, where) + array_option
     dirs = "\n".join("    '" + str(d).replace("'", "'\\''") + "'" for d in array or [])  # quoted, even a=b
     set_run_dir = ARRAY_RUN_DIR.format(dirs=dirs).rstrip() if array else f"export RUN_DIR={shlex.quote(str(run_dir))}"
-    values = {"JOB_NAME": name, "NODES": str(options.nodes), "LOG": log_pattern(run_dir, bool(array)),
-              "COMMENT": f"launcher:{run_dir}", "SBATCH_OPTIONS": "\n".join(f"#SBATCH {o}" for o in options_lines),
+    log = log_pattern(Path(str(run_dir).replace("%", "%%")), bool(array))  # %% is a plain % to sbatch
+    values = {"JOB_NAME": quote(name), "NODES": str(options.nodes), "LOG": quote(log),
+              "COMMENT": quote(f"launcher:{run_dir}"),
+              "SBATCH_OPTIONS": "\n".join(f"#SBATCH {o}" for o in options_lines),
               "SETUP": "\n".join(options.setup) or "# (none)", "RUN_DIR": set_run_dir,
               "PYTHON": shlex.quote(sys.executable), "PROCS": str(options.gpus_per_node),
-              "CONSOLIDATE": CONSOLIDATE if consolidate else ""}
+              "GRACE": str(options.signal_grace), "CONSOLIDATE": CONSOLIDATE if consolidate else ""}
     text = (assets.shipped() / "job.sbatch").read_text()  # slurm/job.sbatch in a checkout
     for key, value in values.items():
         text = text.replace("{{" + key + "}}", value)
@@ -54,13 +66,32 @@ def render(run_dir: Path, name: str, options: SlurmSection, consolidate: bool, g
     return text
 
 
-def sbatch_options(options: SlurmSection, gpus: bool) -> list[str]:
+def quote(value: str) -> str:
+    """One #SBATCH value, quoted where it needs it. sbatch (not bash) reads these lines a word at a time, and an
+    unquoted '#' ends the line; inside double quotes spaces and '#' are plain, and a backslash makes the next
+    character plain (checked against sbatch 22.05)."""
+    if re.fullmatch(r"[\w.,:@%+=/-]+", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def sbatch_options(options: SlurmSection, gpus: bool, where: str = "recipe") -> list[str]:
     out = [f"--gpus-per-node={options.gpus_per_node}"] if gpus else []
     values = {key: getattr(options, key) for key in ("partition", "time", "account", "qos", "constraint")}
-    out += [f"--{key}={value}" for key, value in values.items() if value is not None]
+    for key, value in values.items():
+        if value is not None and re.search(r"[\x00-\x1f\x7f]", value):
+            fail(where, f"slurm.{key}", f"is {value!r}: a control character cannot go into an #SBATCH line")
+    out += [f"--{key}={quote(value)}" for key, value in values.items() if value is not None]
     out += ["--exclusive"] if options.exclusive else []
     out += [f"--signal=B:USR1@{options.signal_grace}"] if options.signal_grace else []
-    return out + options.sbatch  # each checked by rules.check
+    for option in options.sbatch:  # as on the command line (rules.check: one option each): --mem 0, --mem=0
+        try:
+            words = shlex.split(option)
+        except ValueError as err:
+            fail(where, "slurm.sbatch", f"{option!r} does not parse as a command-line option: {err}")
+        key, sep, value = words[0].partition("=")
+        out.append(" ".join([quote(key) + sep + quote(value) if sep else quote(key), *map(quote, words[1:])]))
+    return out
 
 
 def cluster_has_gpus() -> bool:
@@ -73,15 +104,26 @@ def cluster_has_gpus() -> bool:
 
 
 def refuse_active_job(run_dir: Path) -> None:
-    """Two jobs training into one run directory would overwrite each other's checkpoints."""
+    """Two jobs training into one run directory (or one inside the other: an array's comment names the sweep
+    directory) would overwrite each other's checkpoints. The job itself, and the other tasks of its own array
+    (each trains its own variant), are not in the way of its own launches."""
     if shutil.which("squeue") is None:
         return
-    result = subprocess.run(["squeue", "-h", "-o", "%i %k"], capture_output=True, text=True, timeout=30)
+    try:  # a line per array task (-r): %A its own job id, %F its array's (a plain job's: its id), %i as users see it
+        result = subprocess.run(["squeue", "-h", "-r", "-o", "%A %F %i %k"], capture_output=True, text=True,
+                                timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return  # no answer from Slurm: nothing known to be in the way
+    here = Path(os.path.realpath(run_dir))
+    own = {os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_ARRAY_JOB_ID")} - {None}
     for line in result.stdout.splitlines():
-        job, _, comment = line.partition(" ")
-        if comment.strip() == f"launcher:{run_dir}":
-            raise RecipeError(f"{run_dir}: job {job} is already training into this run directory; wait for it or "
-                              f"cancel it (scancel {job})")
+        job_id, array, job, comment = (line.split(" ", 3) + ["", "", ""])[:4]
+        if not comment.startswith("launcher:") or job_id in own or array in own:
+            continue
+        there = Path(os.path.realpath(comment.removeprefix("launcher:")))
+        if there == here or there in here.parents or here in there.parents:
+            raise RecipeError(f"{run_dir}: job {job} is already training into {there}; wait for it or cancel it "
+                              f"(scancel {job})")
 
 
 def job_log(run_dir: Path, name: str, job: str, array: bool = False) -> str:

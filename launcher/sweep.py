@@ -122,7 +122,8 @@ def on_slurm(recipe: str, overrides: dict[str, Any], points: list, spec: dict, f
     pending = [i for i, run in enumerate(resolved) if not run.finished]
     first, gpus = resolved[0], slurm.cluster_has_gpus()
     script = slurm.render(sweep.directory, sweep.name, first.recipe.slurm, first.recipe.run.consolidate, gpus,
-                          array=[resolved[i].run_dir for i in pending], max_parallel=max_parallel)
+                          array=[resolved[i].run_dir for i in pending], max_parallel=max_parallel,
+                          where=recipe)
     tasks = "\n".join(f"task {t}: {sweep.variants[i].name} -> {resolved[i].run_dir}" for t, i in enumerate(pending))
     header = (f"sweep {sweep.directory}: {len(sweep.variants)} variants, {len(pending)} to train\n"
               f"{first.plan.batch}\n{first.plan.topology} per variant ({'GPU' if gpus else 'CPU'} ranks)\n"

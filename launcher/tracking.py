@@ -13,7 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
-from launcher.errors import RecipeError
+from launcher.errors import RecipeError, exits_cleanly
 from launcher.rundir import write_atomic
 from launcher.schema import Recipe
 
@@ -103,3 +103,34 @@ def log_model(run, model_dir: Path, name: str) -> None:
     artifact = wandb.Artifact(f"{name}-model", type="model")
     artifact.add_dir(str(model_dir))
     run.log_artifact(artifact)
+
+
+@exits_cleanly
+def log_final_model(run_dir: str) -> None:
+    """wandb.log_model for a Slurm job: its training step runs without consolidation, so the job uploads final/
+    in a step of its own, right after the consolidation step wrote it (never an older final/), into the run's W&B
+    run, continued by the id in wandb.json as `start` does."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    snapshot = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}  # the recipe the job trained
+    w = snapshot.get("wandb")
+    if not w or not w.get("log_model") or w.get("mode") == "disabled":
+        return
+    record = run_dir / "wandb.json"
+    if not record.is_file():
+        raise RecipeError(f"{record}: not found, so there is no W&B run to add the model to (wandb.log_model)")
+    import wandb
+
+    stored = json.loads(record.read_text())
+    run = wandb.init(project=stored["project"], entity=stored["entity"], id=stored["id"], name=stored["name"],
+                     mode=stored["mode"], dir=str(run_dir), resume="allow")
+    log_model(run, run_dir / "final", snapshot["run"]["name"])
+    run.finish()
+    print(f"W&B run {run.id}: uploaded the model in {run_dir / 'final'}", flush=True)
+
+
+if __name__ == "__main__":  # the Slurm job's upload step: python -m launcher.tracking RUN_DIR
+    import sys
+
+    log_final_model(*sys.argv[1:2])
