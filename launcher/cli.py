@@ -5,11 +5,14 @@ Every command takes a recipe and dotted overrides, which win over the recipe: --
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from launcher import pipeline, topology
 from launcher import plan as plans
@@ -32,7 +35,7 @@ def _split(overrides: dict, command) -> dict:
 
 @exits_cleanly
 def plan(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_rank: int = 0,
-         master_addr: str = "127.0.0.1", master_port: int = topology.DEFAULT_PORT, hostfile: str | None = None,
+         master_addr: str | None = None, master_port: int = topology.DEFAULT_PORT, hostfile: str | None = None,
          format: str = "text", **overrides) -> None:
     """Validate RECIPE and print what a launch would run: recipe, DeepSpeed JSON, batch, memory, command."""
     topo = topology.from_flags(nproc_per_node, nnodes, node_rank, master_addr, master_port, hostfile)
@@ -44,7 +47,7 @@ def plan(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_r
 
 @exits_cleanly
 def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_rank: int = 0,
-           master_addr: str = "127.0.0.1", master_port: int = topology.DEFAULT_PORT, hostfile: str | None = None,
+           master_addr: str | None = None, master_port: int = topology.DEFAULT_PORT, hostfile: str | None = None,
            dry_run: bool = False, tiny: bool = False, **overrides) -> None:
     """Start this node's ranks with the real `deepspeed` launcher (multi-node: --nnodes/--node_rank/--master_addr,
     no ssh needed; or --hostfile for DeepSpeed's own ssh start-up). --dry_run [--tiny]: the dry run of `train`,
@@ -54,23 +57,66 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
         raise RecipeError("command line: --tiny goes with --dry_run")
     if dry_run:
         return train(recipe, dry_run=dry_run, tiny=tiny, nproc_per_node=topo.slots[0], nnodes=topo.nnodes, **overrides)
+    topology.check_rendezvous(topo)
     run = pipeline.prepare(recipe, _split(overrides, launch), topo)
     if run.finished:
         print(run.status(), flush=True)
         return
+    from launcher.slurm import refuse_active_job
+
+    refuse_active_job(run.run_dir)  # a live Slurm job trains into it (this launch's own job excepted)
     pipeline.write(run, run.plan.files(), first_node=topo.node_rank == 0)
     plan = run.plan
     print(f"run directory {run.run_dir}\n{plan.batch}\n{topo}\n{run.status()}", flush=True)
     print(topology.shell_line(plan.env, plan.command), flush=True)
-    result = subprocess.run(plan.command, env={**os.environ, **plan.env})
+    if topo.hostfile and (left := topology.forwarded(dict(os.environ))[1]):
+        print(f"not passed to the hosts over ssh: {', '.join(left)} (secrets, or values a shell would expand); "
+              "the ranks use the hosts' own (~/.netrc from `wandb login`, the HF token file)", flush=True)
+    env = {**os.environ, **plan.env}
+    if topology.VISIBLE in env:  # else DeepSpeed ignores it with a warning; the ranks get it back (visible_devices)
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    code = _run_ranks(plan.command, env)
     final = run.run_dir / "final"
-    if result.returncode not in (0, EXIT_BAD_INPUT):  # bad input: the rank's own line says it all
-        print(f"error: training failed (deepspeed exit code {result.returncode}); the failing rank's error is "
-              f"above; the same command continues the run from its newest complete checkpoint",
-              file=sys.stderr, flush=True)
-    elif topo.node_rank == 0:
+    if code not in (0, EXIT_BAD_INPUT) and code < 128:  # bad input: the rank's own line says it all
+        print(f"error: training failed (deepspeed exit code {code}); the failing rank's error is above; the same "
+              "command continues the run from its newest complete checkpoint", file=sys.stderr, flush=True)
+    elif code == 0 and topo.node_rank == 0:
         print(f"finished: {final if final.is_dir() else run.run_dir}", flush=True)
-    sys.exit(result.returncode)
+    sys.exit(code)
+
+
+def _run_ranks(command: list[str], env: dict[str, str]) -> int:
+    """DeepSpeed's runner in a process group of its own, which SIGINT or SIGTERM to `launch` (Ctrl-C, a scheduler,
+    kill) is passed on to: the runner, its per-node launcher and every rank stop, none is left orphaned. Passed on
+    as SIGTERM, which ranks die of quietly (SIGINT makes each print a KeyboardInterrupt traceback). Exit: 128 + N."""
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not received:
+        return code
+    for _ in range(100):  # up to 10 s for ranks still saving or tearing down, then nothing is left running
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+    print(f"launch: stopped by {signal.Signals(received[0]).name}; the ranks were stopped too", file=sys.stderr,
+          flush=True)
+    return 128 + received[0]
 
 
 @exits_cleanly
@@ -94,7 +140,7 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     if preflight:
         train(recipe, dry_run=preflight, tiny=tiny, **overrides)  # exits non-zero, naming the stage, if one fails
     run_dir, rec, gpus = run.run_dir, run.recipe, slurm.cluster_has_gpus()
-    script = slurm.render(run_dir, rec.run.name, rec.slurm, rec.run.consolidate, gpus)
+    script = slurm.render(run_dir, rec.run.name, rec.slurm, rec.run.consolidate, gpus, where=recipe)
     header = (f"run directory {run_dir}\n{run.plan.batch}\n{run.plan.topology} ({'GPU' if gpus else 'CPU'} ranks)\n"
               f"memory: {run.plan.memory}\n{run.status()}\nlog: {slurm.log_pattern(run_dir)}")
     if dry_run:

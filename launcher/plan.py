@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from launcher import recipe as recipes
 from launcher.ds_config import Batch
 from launcher.errors import RecipeError
 from launcher.schema import Recipe
-from launcher.topology import Topology, deepspeed_command, rank_env, shell_line
+from launcher.topology import ENV_FILE, Topology, deepspeed_command, forwarded, rank_env, shell_line
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Plan:
             out["command.txt"] = shell_line(self.env, self.command) + "\n"
         if self.topology.nnodes > 1 and not self.topology.hostfile:  # DeepSpeed's no-ssh mode still needs one
             out["hostfile"] = "".join(f"node{i} slots={n}\n" for i, n in enumerate(self.topology.slots))
+        if self.topology.hostfile:
+            out[ENV_FILE] = "".join(f"{k}={v}\n" for k, v in forwarded({**os.environ, **self.env})[0].items())
         return out
 
 
@@ -70,7 +73,8 @@ def make(recipe_path: str, overrides: dict[str, Any], topology) -> Plan:
         model = modeling.meta_model(recipe)
         trainable, count = freeze.apply(model, recipe.freeze, recipe_path), memory.count_model(model)
     params, estimate = memory_line(recipe, config, ds, topology, count)
-    return Plan(recipe_path, recipe, topology, ds, batch, rank_env(topology), command, estimate, params, trainable)
+    env = rank_env(topology, run_dir)
+    return Plan(recipe_path, recipe, topology, ds, batch, env, command, estimate, params, trainable)
 
 
 def memory_line(recipe: Recipe, config: dict | None, ds: dict, topology: Topology,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -51,8 +51,8 @@ def _differences(a, b, path: str = "") -> list[tuple[str, object, object]]:
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so readers (and other nodes) never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+    with open(tmp, "x") as f:  # not mkstemp, whose 0600 hides the run from the team: the mode follows the umask
         f.write(text)
     os.replace(tmp, path)
 
@@ -65,7 +65,10 @@ def record_environment(run_dir: Path) -> None:
 
 def record_rank(run_dir: Path, rank: int, world: int, ds_config: dict) -> None:
     """Each rank writes the DeepSpeed config its engine was given: evidence of what every rank ran."""
-    info = {"rank": rank, "world_size": world, "host": socket.gethostname(), "deepspeed": ds_config}
+    import torch
+
+    info = {"rank": rank, "world_size": world, "host": socket.gethostname(), "threads": torch.get_num_threads(),
+            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "deepspeed": ds_config}
     write_atomic(run_dir / "ranks" / f"rank{rank}.json", json.dumps(info, indent=2) + "\n")
 
 

@@ -18,20 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher import checkpoints, data, ds_config, modeling, pipeline, preflight, rundir, tracking
+from launcher import checkpoints, data, ds_config, modeling, pipeline, preflight, rundir, startup, topology, tracking
 from launcher import recipe as recipes
 from launcher.consolidate import resolve_checkpoint
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
-from launcher.topology import Topology
 
 
 def run(recipe_path: str, overrides: dict) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, noise to users
+    if (devices := topology.visible_devices(dict(os.environ))) is not None:  # before anything touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
     rank, world = distributed_env()
     run_dir = None
     try:
         # --- the gate, as `launch` passed it: ranks re-check what they start from (the data they load below)
-        run = pipeline.prepare(recipe_path, overrides, Topology((world,)), check_data=False)
+        run = pipeline.prepare(recipe_path, overrides, topology.Topology((world,)), check_data=False)
         run_dir = run.run_dir
         if run.finished:
             if rank == 0:
@@ -43,7 +44,12 @@ def run(recipe_path: str, overrides: dict) -> None:
         tracker = train(built, run, rank, world)
         finish(built, run, tracker, rank)
     except RecipeError as err:
-        if rank == 0:  # every rank finds the same problem; say it once
+        if world > 1 and not startup.reported():  # found before this rank reported in: tell the others
+            try:
+                startup.report_in(run_dir, str(err))
+            except RecipeError as everyone:
+                err = everyone
+        if rank == 0:  # rank 0 speaks for all ranks
             print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_INPUT)
     except Exception as err:  # one line per failing rank, not a traceback from each: that goes to the run directory
@@ -121,6 +127,8 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
             # use, and a build killed half-way leaves a lock file that makes every later start wait on it forever.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed()  # on CPU accelerate joins through torch alone; DeepSpeed must see it too
+        if world > 1:  # the first collective: no rank goes on while another has a problem
+            startup.report_in(run_dir, None)
 
         # --- model (a new head for classification), frozen parts, LoRA adapters when the recipe asks
         set_seed(seed)
@@ -133,8 +141,9 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
 
     # --- trainer: TRL's for SFT (it tokenizes the data), the HF Trainer for a classification or regression head
     stopper = StopOnRequest(os.environ[STOP_FILE_ENV]) if os.environ.get(STOP_FILE_ENV) else None
-    callbacks = [CompleteCheckpoints(run_dir, world, ds_config.zero_stage(ds, recipe.deepspeed.config),
-                                     recipe.training.get("save_total_limit")), *([stopper] if stopper else [])]
+    callbacks = [*([stopper] if stopper else []),  # first: it sets should_save, which CompleteCheckpoints reads
+                 CompleteCheckpoints(run_dir, world, ds_config.zero_stage(ds, recipe.deepspeed.config),
+                                     recipe.training.get("save_total_limit"))]
     with stage("tokenize"):
         if recipe.task == "sft":
             trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
@@ -201,7 +210,7 @@ def finish(built: Built, run: pipeline.Run, tracker, rank: int) -> None:
 
             unset_hf_deepspeed_config()  # else building the model to merge into would start a ZeRO-3 partition
             consolidate(str(run_dir), str(run_dir / "final"), overwrite=True)  # its newest complete checkpoint
-        if tracker and run.recipe.wandb.log_model and (run_dir / "final").is_dir():
+        if tracker and run.recipe.wandb.log_model and run.recipe.run.consolidate:  # a final/ this call wrote
             tracking.log_model(tracker, run_dir / "final", run.recipe.run.name)
     if tracker:
         tracker.finish()

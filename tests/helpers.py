@@ -9,6 +9,7 @@ environment every test runs in (offline hub, per-session caches) is set up in te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -192,9 +193,19 @@ def kill_after_first_checkpoint(recipe: Path, run_dir: Path, env: dict | None = 
     while not complete_steps(run_dir):
         assert proc.poll() is None and time.monotonic() < deadline, "no complete checkpoint before the run ended"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     return complete_steps(run_dir)[-1]
+
+
+def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
+    """A process and all its descendants: `launch` starts DeepSpeed's runner in a process group of its own."""
+    import psutil
+
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for proc in [*psutil.Process(pid).children(recursive=True), psutil.Process(pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
 
 
 # Injected into every Python process of the run through PYTHONPATH: rank 1 (and only rank 1) fails to load its

@@ -116,9 +116,12 @@ def assert_final_model_serves(final: Path) -> None:
 
 
 def test_zero2_full_finetune(tmp_path):
+    """Also: devices chosen with CUDA_VISIBLE_DEVICES reach the ranks (DeepSpeed alone gives them 0..N-1)."""
     recipe = smoke_recipe(tmp_path, training=QUICK, deepspeed={"config": str(REPO / "ds_configs/zero2.json")})
-    _, plan = launch(recipe, "--nproc_per_node", 2)
+    _, plan = launch(recipe, "--nproc_per_node", 2, env={"CUDA_VISIBLE_DEVICES": "5,7", "OMP_NUM_THREADS": "1"})
     run_dir = tmp_path / "run"
+    for rank in (0, 1):
+        assert json.loads((run_dir / "ranks" / f"rank{rank}.json").read_text())["visible_devices"] == "5,7"
     curve = losses(run_dir)
     assert curve[-1] < curve[0], curve
     assert_every_rank_wrote_shards(run_dir, 2)

@@ -4,6 +4,7 @@ the error said once."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import FAULT, REPO, complete_steps, free_port, smoke_recipe
+from tests.helpers import FAULT, REPO, complete_steps, free_port, kill_tree, smoke_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,7 @@ def wait_bounded(proc: subprocess.Popen, seconds: float) -> tuple[int, float]:
     try:
         code = proc.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        kill_tree(proc.pid)
         pytest.fail(f"the run hung: still running {seconds} s after the failure")
     return code, time.monotonic() - began
 
@@ -77,3 +78,23 @@ def test_exception_on_one_rank_is_reported_once(tmp_path):
     assert "Traceback" in saved.read_text() and f"[traceback: {saved}]" in log
     time.sleep(1)
     assert not ranks_of(tmp_path), "a rank outlived the run"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_launch_alone_stops_every_rank(tmp_path, sig):
+    """kill PID or Ctrl-C reaching only `launch` (a scheduler, a wrapper script) leaves no rank running."""
+    recipe = smoke_recipe(tmp_path, training=LONG)
+    proc = start(recipe, tmp_path / "log")
+    deadline = time.monotonic() + 300
+    while not complete_steps(tmp_path / "run"):  # training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.1)
+    assert len(ranks_of(tmp_path)) >= 2  # the ranks (and DeepSpeed's runner)
+    proc.send_signal(sig)  # to launch's pid only, not its process group
+    code, _ = wait_bounded(proc, 60)
+    assert code == 128 + sig, (tmp_path / "log").read_text()[-3000:]
+    deadline = time.monotonic() + 15
+    while ranks_of(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not ranks_of(tmp_path), "a rank outlived the launch it was started by"
+    assert "Traceback" not in (tmp_path / "log").read_text()
