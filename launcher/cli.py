@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from launcher import pipeline, topology
+from launcher import pipeline, topology, weights
 from launcher import plan as plans
 from launcher import recipe as recipes
 from launcher.errors import EXIT_BAD_INPUT, RecipeError, exits_cleanly
@@ -68,6 +68,8 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     pipeline.write(run, run.plan.files(), first_node=topo.node_rank == 0)
     plan = run.plan
     print(f"run directory {run.run_dir}\n{plan.batch}\n{topo}\n{run.status()}", flush=True)
+    if topo.node_rank == 0 and (fetched := weights.describe(run.recipe)):
+        print(fetched, flush=True)
     print(topology.shell_line(plan.env, plan.command), flush=True)
     if topo.hostfile and (left := topology.forwarded(dict(os.environ))[1]):
         print(f"not passed to the hosts over ssh: {', '.join(left)} (secrets, or values a shell would expand); "
@@ -142,7 +144,8 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     run_dir, rec, gpus = run.run_dir, run.recipe, slurm.cluster_has_gpus()
     script = slurm.render(run_dir, rec.run.name, rec.slurm, rec.run.consolidate, gpus, where=recipe)
     header = (f"run directory {run_dir}\n{run.plan.batch}\n{run.plan.topology} ({'GPU' if gpus else 'CPU'} ranks)\n"
-              f"memory: {run.plan.memory}\n{run.status()}\nlog: {slurm.log_pattern(run_dir)}")
+              f"memory: {run.plan.memory}\n{run.status()}\nlog: {slurm.log_pattern(run_dir)}"
+              + (f"\n{fetched}" if (fetched := weights.describe(rec)) else ""))
     if dry_run:
         print(f"{header}\n--- {run_dir / slurm.SCRIPT} (dry run: nothing written, nothing submitted)\n{script}")
         return

@@ -18,7 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher import checkpoints, data, ds_config, modeling, pipeline, preflight, rundir, startup, topology, tracking
+from launcher import (
+    checkpoints,
+    data,
+    ds_config,
+    jit_ops,
+    modeling,
+    pipeline,
+    preflight,
+    rundir,
+    startup,
+    topology,
+    tracking,
+    weights,
+)
 from launcher import recipe as recipes
 from launcher.consolidate import resolve_checkpoint
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
@@ -40,6 +53,7 @@ def run(recipe_path: str, overrides: dict) -> None:
             return
         if rank == 0:
             pipeline.write(run, run.plan.snapshot())
+        weights.fetch(run.recipe)  # before joining the process group, whose collectives time out
         built = build(run.recipe, run.plan.ds_config, recipe_path, world)
         tracker = train(built, run, rank, world)
         finish(built, run, tracker, rank)
@@ -113,13 +127,11 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
         preflight.check_template(recipe, where, tokenizer, loaded)
 
     # --- training arguments before the model: under ZeRO-3 the model is partitioned while it is built.
-    # Retention is ours (callbacks.CompleteCheckpoints): HF's rotation would count half-written checkpoints.
     # SFTConfig for every task: it is the HF TrainingArguments plus SFT fields (the schema refuses those for other
     # tasks), so one schema, one set of defaults and one DeepSpeed resolution serve SFTTrainer and Trainer alike.
     with stage("model"):
-        training = {**recipe.training, "save_total_limit": None}
-        if recipe.task != "sft":  # the HF Trainer counts tokens only when asked (TRL always does): for W&B
-            training.setdefault("include_num_input_tokens_seen", "non_padding")
+        jit_ops.prepare()  # before any DeepSpeed op is built: this CPU type's directory, no stale build lock
+        training = training_arguments(recipe, ds_config.zero_stage(ds, recipe.deepspeed.config))
         args = SFTConfig(output_dir=str(checkpoints.directory(run_dir)), deepspeed=ds, use_cpu=not on_gpu, **training)
         if args.world_size != world:  # reading it joins the process group: ZeRO-3 partitions the model at build
             raise RuntimeError(f"the trainer sees world size {args.world_size}, the launcher started {world} ranks")
@@ -155,6 +167,22 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
             trainer = classify.make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks,
                                             ds_config.training_value(recipe, "max_length"))
     return Built(trainer, tokenizer, train_set, eval_set, trainable, stopper)
+
+
+def training_arguments(recipe, stage: int) -> dict[str, Any]:
+    """The recipe's training section as SFTConfig takes it. Retention is ours (callbacks.CompleteCheckpoints): HF's
+    rotation would count half-written checkpoints. LoRA under ZeRO-3 with activation checkpointing needs reentrant
+    checkpointing (trl #2514); TRL's SFTTrainer sets it, but only after TrainingArguments.__post_init__ has copied
+    the kwargs to activation_checkpointing_kwargs, which the Trainer reads: so it never took effect. Set here."""
+    training = {**recipe.training, "save_total_limit": None}
+    if recipe.task != "sft":  # the HF Trainer counts tokens only when asked (TRL always does): for W&B
+        training.setdefault("include_num_input_tokens_seen", "non_padding")
+    checkpointing = training.get("activation_checkpointing") or training.get("gradient_checkpointing")
+    if recipe.lora and stage == 3 and checkpointing:
+        given = training.pop("activation_checkpointing_kwargs", None) or training.pop("gradient_checkpointing_kwargs",
+                                                                                     None)
+        training["activation_checkpointing_kwargs"] = {**(given or {}), "use_reentrant": True}
+    return training
 
 
 def train(built: Built, run: pipeline.Run, rank: int, world: int):
