@@ -1,4 +1,4 @@
-"""Benchmark: `launcher train recipes/llama-3.1-70b/lora_offload.yaml --dry_run --tiny` on this machine, offline.
+"""Benchmark: `launcher train recipes/llama-3.1-70b/lora.yaml --dry_run --tiny` on this machine, offline.
 
 The hub dataset is replaced by the shipped UltraChat-schema sample (recipes/stand-ins/ultrachat_sample.jsonl) and
 the tokenizer by the stand-in Llama 3.1 one; the real run's topology is the recipe's header (4 nodes x 8 GPUs).
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = "recipes/llama-3.1-70b/lora_offload.yaml"
+RECIPE = "recipes/llama-3.1-70b/lora.yaml"
 SAMPLE = "recipes/stand-ins/ultrachat_sample.jsonl"
 
 

@@ -159,3 +159,83 @@ def format_bytes(n: int) -> str:
     while value >= 1024 and len(units) > 1:
         value, units = value / 1024, units[1:]
     return f"{n} B" if units[0] == "B" else f"{value:.1f} {units[0]}"
+
+
+def linear_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    """(out, in) of every adaptable module by its transformers name, lm_head included even when tied (peft adapts
+    the module, not the shared tensor); the token embedding as (vocab, hidden)."""
+    shapes = {name.rsplit(".", 1)[0]: shape for name, shape in named_shapes(config).items()
+              if name.endswith(".weight") and len(shape) == 2}
+    shapes.setdefault("lm_head", shapes["model.embed_tokens"])
+    return shapes
+
+
+def lora_params(config: dict, r: int, targets: list[str] | str, modules_to_save: list[str] = ()) -> ParamCount:
+    """Trainable parameters peft adds: r x (fan in + fan out) per adapted module (A is r x in, B is out x r; an
+    embedding's A/B are r x vocab and hidden x r, the same count), plus full copies of modules_to_save. The largest
+    layer is one A or B (each its own module), or a saved copy."""
+    shapes = linear_shapes(config)
+    if targets == "all-linear":  # peft's all-linear: every nn.Linear but the output layer
+        chosen = [n for n in shapes if n != "lm_head" and n.rsplit(".", 1)[-1] in linear_module_names(config)]
+    else:
+        wanted = [targets] if isinstance(targets, str) else targets
+        chosen = [n for n in shapes if any(n == t or n.endswith("." + t) for t in wanted)]
+    saved = [n for n in shapes if any(n == t or n.endswith("." + t) for t in modules_to_save)]
+    sizes = [r * sum(shapes[n]) for n in chosen] + [math.prod(shapes[n]) for n in saved]
+    largest = [r * max(shapes[n]) for n in chosen] + [math.prod(shapes[n]) for n in saved]
+    return ParamCount(sum(sizes), max(largest, default=0))
+
+
+# Bytes per weight of a quantised linear layer, with its constants. NF4 with double quantisation, as modeling.py loads
+# it: 4 bits plus one 8-bit absmax per 64-weight block plus one fp32 per 256 blocks (QLoRA paper, Dettmers et al.
+# 2023, section 3: 0.127 bits of constants per weight). LLM.int8: one byte plus an fp32 scale per row, ~nothing.
+QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
+
+
+def frozen_base_bytes(config: dict, dtype_bytes: int, quantize: str = "none") -> int:
+    """The frozen base's weights, once: bitsandbytes quantises the decoder's linear layers only; the embedding, norms
+    and lm_head stay at the compute dtype."""
+    quantized = 0
+    if quantize != "none":
+        quantized = sum(math.prod(s) for n, s in linear_shapes(config).items() if ".layers." in n)
+    rest = count_params(config).total - quantized
+    return int(quantized * QUANTIZED_BYTES.get(quantize, dtype_bytes)) + rest * dtype_bytes
+
+
+def lora_states_bytes(base: ParamCount, base_bytes: int, adapters: ParamCount, stage: int, nodes: int,
+                      gpus_per_node: int, offload_optimizer: bool, offload_params: bool,
+                      buffer_factor: float = 1.5) -> tuple[int, int]:
+    """(accelerator bytes per device, CPU bytes per node) for LoRA: DeepSpeed's figure for the adapters alone (they
+    are all that has gradients and Adam states), plus the frozen base held once at its own dtype (`base_bytes`, the
+    whole base, quantised or not). ZeRO-1/2 shard only what trains, so every device holds the whole base and every
+    rank loads a copy through CPU memory; ZeRO-3 shards the base too and gathers one layer at a time."""
+    device, cpu = model_states_bytes(adapters, stage, nodes, gpus_per_node, offload_optimizer,
+                                     offload_params, buffer_factor)
+    per_param = base_bytes / base.total
+    gathered = int(per_param * base.largest_layer)
+    if stage < 3:
+        return device + base_bytes, cpu + base_bytes * gpus_per_node
+    if offload_params:  # the node's shards live in CPU memory; no fp32 copy, so no buffer factor either
+        return device + gathered, cpu + base_bytes // nodes
+    return device + gathered + base_bytes // (nodes * gpus_per_node), cpu
+
+
+def activation_bytes(config: dict, micro: int, seq: int, checkpointing: bool, dtype_bytes: int = 2,
+                     lora_targets: tuple[str, ...] = (), eager: bool = False) -> int:
+    """Activations one device keeps for the backward of one micro batch of `micro` rows of `seq` tokens, for a known
+    decoder layout. Per token and layer: the layer input and the two norms' inputs and outputs (4 x hidden), q, k, v
+    and the attention output, the MLP's gate, up, activation and product (4 x intermediate); a LoRA dropout keeps a
+    copy of each adapted module's input; eager attention adds the heads x seq scores. Gradient checkpointing keeps
+    only each layer's input, plus one layer's worth while it is recomputed. The logits (bf16 out, then an fp32 copy
+    and its log-softmax for the loss: 10 bytes per entry) come on top."""
+    shapes, layers = linear_shapes(config), config["num_hidden_layers"]
+    hidden, vocab, heads = config["hidden_size"], config["vocab_size"], config["num_attention_heads"]
+    layer0 = {n.split(".layers.0.", 1)[1]: s for n, s in shapes.items() if ".layers.0." in n}
+    q_dim = layer0["self_attn.o_proj"][1]
+    attention = sum(out for n, (out, _) in layer0.items() if n.startswith("self_attn.") and "o_proj" not in n)
+    inter = layer0["mlp.down_proj"][1]
+    per_token = 4 * hidden + attention + q_dim + 4 * inter
+    per_token += sum(fan_in for n, (_, fan_in) in layer0.items() if n.rsplit(".", 1)[-1] in lora_targets)
+    per_layer = micro * seq * per_token * dtype_bytes + (micro * heads * seq * seq * dtype_bytes if eager else 0)
+    kept = layers * micro * seq * hidden * dtype_bytes + per_layer if checkpointing else layers * per_layer
+    return kept + micro * seq * vocab * 10

@@ -8,7 +8,9 @@ the launcher writes.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -17,9 +19,60 @@ from launcher.errors import RecipeError, exits_cleanly
 from launcher.rundir import write_atomic
 from launcher.schema import Recipe
 
-# Dense bf16 peak FLOP/s per device, for model FLOPs utilisation; devices not listed get no MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-              "V100": 125e12}
+# Dense (no 2:4 sparsity) 16-bit tensor-core peak FLOP/s and SM count per device, for model FLOPs utilisation; devices
+# not listed get no MFU. Matched on whole words of the device name, variants first: "L40" is not the L4, "H20" not the
+# H200. From the vendors' datasheets (sparse figures halved): H100 SXM 989 / PCIe 756 / NVL 835 TFLOPS and H200 SXM
+# 989 / NVL 835 (NVIDIA H100 and H200 datasheets; H800 and GH200 are H100 silicon at its clocks); H20 148 (NVIDIA H20
+# spec, 78 SMs); A100 and A800 312 (A100 datasheet, 624 with sparsity); HGX B200 2,250 (4.5 PFLOPS sparse, HGX B200
+# spec); L40S 362.05 and L40 181.05 (L40/L40S datasheets); L4 121 (242 sparse, L4 datasheet); A10 125 (A10
+# datasheet); A10G 70 (AWS's A10 variant, per Baseten's "A10 vs A10G" comparison of the two spec sheets); V100 SXM2
+# 125 / PCIe 112 / V100S 130 and T4 65, all fp16: they have no bf16 tensor cores (V100 and T4 datasheets).
+PEAK_FLOPS = [  # (model, variant word or None, FLOP/s, SMs of the whole GPU, fp16 only)
+    ("H100", "PCIE", 756e12, 114, False), ("H100", "NVL", 835e12, 132, False), ("H100", None, 989e12, 132, False),
+    ("H200", "NVL", 835e12, 132, False), ("H200", None, 989e12, 132, False), ("GH200", None, 989e12, 132, False),
+    ("H800", "PCIE", 756e12, 114, False), ("H800", None, 989e12, 132, False), ("H20", None, 148e12, 78, False),
+    ("A100", None, 312e12, 108, False), ("A800", None, 312e12, 108, False), ("B200", None, 2250e12, 148, False),
+    ("L40S", None, 362e12, 142, False), ("L40", None, 181e12, 142, False), ("L4", None, 121e12, 58, False),
+    ("A10G", None, 70e12, 80, False), ("A10", None, 125e12, 72, False), ("V100S", None, 130e12, 80, True),
+    ("V100", "PCIE", 112e12, 80, True), ("V100", None, 125e12, 80, True), ("T4", None, 65e12, 40, True),
+]
+
+
+def peak_flops(name: str, bf16: bool, sms: int | None = None) -> float | None:
+    """Dense 16-bit peak of the device called `name` (torch.cuda.get_device_name), None when unknown or when a bf16
+    run meets an fp16-only device. A MIG slice gets its share: its SM count (the device properties') over the whole
+    GPU's, or without one its compute slices ("MIG 3g.40gb": 3) of 7, the most a GPU is cut into."""
+    words = set(re.findall(r"[A-Z0-9]+", name.upper()))
+    for model, variant, peak, full_sms, fp16_only in PEAK_FLOPS:
+        if model in words and (variant is None or variant in words):
+            if fp16_only and bf16:
+                return None
+            if "MIG" in words:
+                slices = re.search(r"MIG (\d+)g", name, re.IGNORECASE)
+                return peak * sms / full_sms if sms else peak * int(slices.group(1)) / 7 if slices else None
+            return peak
+    return None
+
+
+def flops_per_token(trainable: int, frozen: int, layers: int = 0, attention_dim: int = 0, context: int = 0) -> int:
+    """Training FLOPs per token: 6 per trainable weight (forward, input gradients, weight gradients), 4 per frozen one
+    (no weight gradients), and causal attention's two seq x seq products, 6 x layers x context x heads*head_dim
+    (2 x 2 x context / 2 forward, times 3 with the backward; weights frozen or not, both inputs need gradients)."""
+    return 6 * trainable + 4 * frozen + 6 * layers * context * attention_dim
+
+
+def model_flops(model, context: int) -> int:
+    """flops_per_token of a (peft, ZeRO-3 or bitsandbytes) model: ds_numel is a ZeRO-3 slice's full size, and a 4-bit
+    weight packs two into a byte, its quant_state keeping the real shape."""
+    trainable = frozen = 0
+    for p in model.parameters():
+        quant = getattr(p, "quant_state", None)
+        n = math.prod(quant.shape) if quant is not None else getattr(p, "ds_numel", p.numel())
+        trainable, frozen = (trainable + n, frozen) if p.requires_grad else (trainable, frozen + n)
+    config = getattr(model, "config", None)
+    layers, heads = getattr(config, "num_hidden_layers", 0), getattr(config, "num_attention_heads", 0)
+    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else 0)
+    return flops_per_token(trainable, frozen, layers or 0, heads * head_dim, context)
 
 
 def check_credentials(recipe: Recipe, where: str) -> None:
@@ -59,34 +112,60 @@ def run_config(recipe_dict: dict, ds: dict, world: int, nodes: int, batch: str, 
             "versions": env.get("versions"), "git": env.get("git"), "slurm": slurm or None}
 
 
-def make_callback(run, world: int, params: int):
+def make_callback(run, world: int):
     """Logs what the trainer logs, plus throughput: tokens/s overall and per device (TRL's `num_tokens`, or the HF
-    Trainer's non-padding `num_input_tokens_seen`, counts non-padding tokens over all ranks), and on known GPUs the
-    model FLOPs utilisation, 6 x params x tokens/s over the devices' peak."""
+    Trainer's non-padding `num_input_tokens_seen`, counts non-padding tokens over all ranks) over the time spent
+    training (evaluation and checkpoint saves left out), and on known GPUs the model FLOPs utilisation:
+    model_flops(model, max_length) x tokens/s over the devices' peak; the model, seen at the start of training, says
+    which weights train."""
     import torch
     from transformers import TrainerCallback
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in device), None)
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else ""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else None
 
     class Tracker(TrainerCallback):
-        last = None  # (time, num_tokens) at the previous log
+        last = None  # (time, num_tokens) at the previous train log
+        paused = 0.0  # seconds of evaluation and saving since then
+        step_end = 0.0  # when the last optimizer step ended: what follows it until the next step is not training
+        per_token = peak = None
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.last = (time.monotonic(), None)
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.last, self.paused = (time.monotonic(), None), 0.0
+            if args.bf16 or args.fp16:  # tensor-core peaks are 16-bit ones; an fp32 run has no MFU
+                self.peak = peak_flops(device, bool(args.bf16), sms)
+            # attention at the full max_length: exact for packed rows, an upper bound for shorter unpacked ones
+            self.per_token = model_flops(model, getattr(args, "max_length", None) or 0) if model is not None else None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_end = time.monotonic()
+
+        def pause(self) -> None:  # evaluation or a save just ended; it began when the last step ended
+            now = time.monotonic()
+            if self.last is not None:
+                self.paused += now - max(self.step_end, self.last[0])
+            self.step_end = now
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self.pause()
+
+        def on_save(self, args, state, control, **kwargs):
+            self.pause()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
             tokens = logs.get("num_tokens", logs.get("num_input_tokens_seen"))  # TRL's, else the HF Trainer's
-            if tokens is not None and self.last is not None:
+            evaluation = any(k.startswith("eval_") for k in logs)
+            if tokens is not None and self.last is not None and not evaluation:
                 (since, before), now = self.last, time.monotonic()
                 counted = tokens - before if before is not None and tokens >= before else tokens
-                rate = counted / max(now - since, 1e-9)
+                rate = counted / max(now - since - self.paused, 1e-9)
                 logs.update(tokens_per_second=rate, tokens_per_second_per_device=rate / world)
-                if peak:
-                    logs["mfu"] = 6 * params * rate / (peak * world)
-                self.last = (now, tokens)
-            prefix = "eval/" if any(k.startswith("eval_") for k in logs) else "train/"
+                if self.peak and self.per_token:
+                    logs["mfu"] = self.per_token * rate / (self.peak * world)
+                self.last, self.paused = (now, tokens), 0.0
+            prefix = "eval/" if evaluation else "train/"
             metrics = {(f"eval/{k[5:]}" if k.startswith("eval_") else prefix + k): v for k, v in logs.items()
                        if isinstance(v, (int, float))}
             run.log({**metrics, "train/global_step": state.global_step})

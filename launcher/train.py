@@ -204,7 +204,7 @@ def train(built: Built, run: pipeline.Run, rank: int, world: int):
                                          run.run_dir)
             tracker = tracking.start(recipe, run.run_dir, config)
             print(f"W&B run {tracker.id} ({recipe.wandb.mode}): {tracker.url or run.run_dir / 'wandb'}", flush=True)
-            trainer.add_callback(tracking.make_callback(tracker, world, modeling.parameter_count(trainer.model)))
+            trainer.add_callback(tracking.make_callback(tracker, world))
     trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
     rundir.record_rank(run.run_dir, rank, world, trainer.model_wrapped.config)
     trainer.save_state()  # the loss history, next to the checkpoints

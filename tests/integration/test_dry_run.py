@@ -89,7 +89,7 @@ def test_tiny_goes_with_dry_run():
 
 
 @pytest.mark.parametrize("recipe", ["llama-3.1-8b/full.yaml", "llama-3.1-8b/lora.yaml",
-                                    "llama-3.1-70b/lora_offload.yaml"])
+                                    "llama-3.1-70b/lora.yaml"])
 def test_real_model_recipe_passes_offline(tmp_path, recipe):
     report = assert_passed(dry_run(REPO / "recipes" / recipe, tmp_path, "--nproc_per_node", "8", *OFFLINE_DATA),
                            tmp_path)

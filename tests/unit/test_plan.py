@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -109,8 +110,26 @@ print('HEAVY', heavy)
 
 
 @pytest.mark.parametrize("argv", [["launcher", "--help"], ["launcher", "plan", "recipes/smoke.yaml"],
-                                  ["launcher", "plan", "recipes/llama-3.1-70b/lora_offload.yaml"]])
+                                  ["launcher", "plan", "recipes/llama-3.1-70b/lora.yaml"]])
 def test_help_and_plan_import_no_heavy_library(argv):
     result = subprocess.run([sys.executable, "-c", LIGHT.format(argv=argv)], cwd=REPO, capture_output=True,
                             text=True, env={"PAGER": "cat", "PATH": "/usr/bin:/bin"})
     assert "HEAVY []" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+GPU_RECIPES = {"recipes/llama-3.1-70b/lora.yaml": (4, 8), "recipes/llama-3.1-8b/full.yaml": (2, 8),
+               "recipes/llama-3.1-8b/lora.yaml": (1, 8)}  # the topology each recipe's first line runs it on
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES)
+def test_gpu_recipes_fit_80gb_gpus_without_offload_and_evaluate_on_a_slice(recipe):
+    """What a practitioner would defend: no offload where the sharded model fits (offload moves every layer over
+    PCIe each step), an eval set that costs minutes not hours, tokenization in parallel."""
+    nodes, per_node = GPU_RECIPES[recipe]
+    plan = plan_json(REPO / recipe, "--nnodes", nodes, "--nproc_per_node", per_node)
+    zero = plan["deepspeed"]["zero_optimization"]
+    assert "offload_param" not in zero and "offload_optimizer" not in zero
+    gib = [float(re.search(r"([\d.]+) GiB per device", plan[key]).group(1)) for key in ("memory", "activations")]
+    assert sum(gib) < 0.9 * 80 * 10**9 / 2**30, gib  # headroom for the allocator and communication buffers
+    data, training = plan["recipe"]["data"], plan["recipe"]["training"]
+    assert all(spec["weight"] < 1 for spec in data["eval"]) and training["dataset_num_proc"] > 1

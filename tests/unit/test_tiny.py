@@ -15,7 +15,7 @@ CONFIGS = {
     "recipes/smoke.yaml": REPO / "recipes/smoke/model/config.json",
     "recipes/llama-3.1-8b/full.yaml": REPO / "recipes/llama-3.1-8b/config.json",
     "recipes/llama-3.1-8b/lora.yaml": REPO / "recipes/llama-3.1-8b/config.json",
-    "recipes/llama-3.1-70b/lora_offload.yaml": REPO / "recipes/llama-3.1-70b/config.json",
+    "recipes/llama-3.1-70b/lora.yaml": REPO / "recipes/llama-3.1-70b/config.json",
     "recipes/sentiment.yaml": REPO / "recipes/sentiment/model/config.json",
 }
 
@@ -53,7 +53,7 @@ def test_tiny_model_is_seeded():
 def test_stand_in_tokenizer_renders_llama_3_1_chat():
     from transformers import AutoTokenizer
 
-    config = json.loads(CONFIGS["recipes/llama-3.1-70b/lora_offload.yaml"].read_text())
+    config = json.loads(CONFIGS["recipes/llama-3.1-70b/lora.yaml"].read_text())
     path = tiny.stand_in_tokenizer(config)
     assert path is not None and path.is_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
