@@ -139,7 +139,10 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
     if run.finished and not dry_run:  # before minutes of --preflight that could only end in "nothing to submit"
         print(run.status().replace("nothing to do", "nothing to submit"), flush=True)
         return
-    if preflight:
+    if preflight:  # the dry run swaps flash-attention and QLoRA for what runs on its CPU: the packages first
+        from launcher import preflight as checks
+
+        checks.check_packages(run.recipe, recipe)
         train(recipe, dry_run=preflight, tiny=tiny, **overrides)  # exits non-zero, naming the stage, if one fails
     run_dir, rec, gpus = run.run_dir, run.recipe, slurm.cluster_has_gpus()
     script = slurm.render(run_dir, rec.run.name, rec.slurm, rec.run.consolidate, gpus, where=recipe)

@@ -2,9 +2,10 @@
 
 Full fine-tunes stream: one tensor at a time is read from the memory-mapped rank files, cast, and written straight
 into its output shard (launcher/safetensors_stream.py), so memory holds about one tensor, not a model or a shard.
-LoRA runs merge the adapter into the base weights with peft (the model is held in memory once) and keep the adapter
-beside the merged model. Everything is checked before anything is written, and written into a temporary directory
-that is fsynced and renamed into place at the end. OUTPUT never overlaps the checkpoint it is built from.
+LoRA runs stream too: each base tensor is read from the base model's memory-mapped safetensors, the adapter's
+product added, cast and written; the adapter is kept beside the merged model. Everything is checked before anything
+is written, and written into a temporary directory that is fsynced and renamed into place at the end. OUTPUT never
+overlaps the checkpoint it is built from.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -173,10 +175,16 @@ def _check_names(zero: ZeroCheckpoint, config_dir: str, source: Path) -> None:
 
 def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dtype: str, shard_bytes: int,
                 progress) -> None:
-    """The HF trainer leaves frozen base weights out of LoRA checkpoints: the base is loaded from base_ref."""
+    """The HF trainer leaves frozen base weights out of LoRA checkpoints: the base comes from base_ref. A peft model
+    built on the meta device (no memory) checks the adapter's names and shapes and gives peft's own delta (scaling,
+    rsLoRA, fan_in_fan_out); each base tensor is then read from its memory-mapped safetensors file, merged, cast and
+    written, so memory holds about one tensor plus the adapter, not the model in fp32 (282 GB for 70B)."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from peft.tuners import lora
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     trained = {e.name: torch.cat(zero.chunks(e)).view(e.shape) for e in zero.unique}
     zero.release()
@@ -184,16 +192,100 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
     if empty or not any("lora_" in n for n in trained):
         raise RecipeError(f"{source}: the adapter's tensors are missing, empty or not finite {empty[:3]}")
     try:
+        config = AutoConfig.from_pretrained(base_ref)
+        files = _safetensors_shapes(base_ref)
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"{source}: cannot load the LoRA base model {base_ref} ({str(err).splitlines()[0]}); "
+                          "pass --base_model") from None
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(config)
+    tied = set(getattr(base, "all_tied_weights_keys", {}) or {})
+    shapes = {n: tuple(t.shape) for n, t in base.state_dict().items() if n not in tied}
+    lora_config = LoraConfig.from_pretrained(str(source))
+    lora_config.base_model_name_or_path = None  # base_ref is the base now: peft would warn of the renaming
+    try:
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5: nothing for the user to do
+            warnings.simplefilter("ignore", FutureWarning)
+            model = get_peft_model(base, lora_config)
+    except ValueError as err:  # e.g. a target module the base lacks
+        raise RecipeError(f"{source}: the shards do not match this base with this adapter ({err})") from None
+    _check_adapter(model.state_dict(), trained, source)
+    model.load_state_dict(trained, strict=False, assign=True)  # the meta adapter tensors become the trained ones
+    layers = {n.removeprefix("base_model.model.") + ".weight": m for n, m in model.named_modules()
+              if isinstance(m, lora.LoraLayer)}
+    plain = all(type(m) in (lora.Linear, lora.Embedding) and not m.lora_variant and not any(m.lora_bias.values())
+                for m in layers.values())
+    if not plain or shapes.keys() - files.keys():  # DoRA & co., or base files named otherwise (converted on load)
+        progress("  this adapter or base needs peft's in-memory merge: the base model is loaded whole, in fp32")
+        return _merge_lora_in_memory(trained, source, base_ref, out, dtype, shard_bytes, progress)
+    if wrong := [n for n, s in shapes.items() if files[n][1] != s]:
+        raise RecipeError(f"{source}: the base model's weights do not match its config.json, e.g. {wrong[:3]}")
+    # the rest of the trained tensors replace the base's (modules_to_save; biases with `bias: all`)
+    replaced = {n.removeprefix("base_model.model.").replace(".base_layer", "").replace(".modules_to_save.default", "")
+                : t for n, t in trained.items() if "lora_" not in n}
+    if clash := sorted((layers.keys() | replaced.keys()) & tied):
+        raise RecipeError(f"{source}: the adapter changes {clash[0]}, which this model ties to another weight; "
+                          "the merged model cannot keep both")
+
+    def merged(name: str) -> list:
+        if name in replaced:
+            return [replaced[name].reshape(-1)]
+        with safe_open(files[name][0], "pt") as f:  # one open per tensor: its pages leave RSS when it closes
+            weight = f.get_tensor(name)
+        if name in layers:
+            weight = weight.float() + layers[name].get_delta_weight("default")
+        return [weight.reshape(-1)]
+
+    (out / "adapter").mkdir()
+    adapter = model.peft_config["default"]
+    adapter.base_model_name_or_path, adapter.inference_mode = base_ref, True  # as peft's save_pretrained writes it
+    adapter.save_pretrained(out / "adapter")
+    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model, state_dict=trained).items()},
+              out / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_model([(n, s, lambda n=n: merged(n)) for n, s in shapes.items()], out, dtype, shard_bytes,
+                progress=lambda _: None)
+    _write_metadata(source, base_ref, out, dtype, progress)
+
+
+def _safetensors_shapes(base_ref: str) -> dict:
+    """{tensor name: (file, shape)} of the base model's safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    directory = Path(base_ref)
+    if not directory.is_dir():
+        from huggingface_hub import snapshot_download
+
+        directory = Path(snapshot_download(base_ref, allow_patterns=["*.json", "*.safetensors"]))
+    found = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            found.update({n: (path, tuple(f.get_slice(n).get_shape())) for n in f.keys()})  # noqa: SIM118 (not a dict)
+    return found
+
+
+def _check_adapter(expected: dict, trained: dict, source: Path) -> None:
+    missing = sorted(n for n in expected if ("lora_" in n or "modules_to_save" in n) and n not in trained)
+    unexpected = sorted(trained.keys() - expected.keys())
+    wrong = sorted(n for n in trained.keys() & expected.keys() if trained[n].shape != expected[n].shape)
+    if unexpected or missing or wrong:
+        raise RecipeError(f"{source}: the shards do not match this base with this adapter (unexpected "
+                          f"{unexpected[:3]}, missing {missing[:3]}, wrong shape {wrong[:3]})")
+
+
+def _merge_lora_in_memory(trained: dict, source: Path, base_ref: str, out: Path, dtype: str, shard_bytes: int,
+                          progress) -> None:
+    """peft's merge_and_unload, for what the streamed merge does not implement: the base is held in fp32."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    try:
         base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise RecipeError(f"{source}: cannot load the LoRA base model {base_ref} ({str(err).splitlines()[0]}); "
                           "pass --base_model") from None
     model = get_peft_model(base, LoraConfig.from_pretrained(str(source)))
-    missing = sorted(n for n in model.state_dict() if ("lora_" in n or "modules_to_save" in n) and n not in trained)
-    unexpected = model.load_state_dict(trained, strict=False).unexpected_keys
-    if unexpected or missing:
-        raise RecipeError(f"{source}: the shards do not match this base with this adapter (unexpected "
-                          f"{unexpected[:3]}, missing {missing[:3]})")
+    model.load_state_dict(trained, strict=False)
     model.save_pretrained(out / "adapter", safe_serialization=True)
     merged = model.merge_and_unload()
     tied = set(getattr(merged, "all_tied_weights_keys", {}) or {})

@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from launcher import checkpoints, ds_config, modeling, pipeline, rundir, tiny
+from launcher import checkpoints, ds_config, modeling, pipeline, preflight, rundir, tiny
 from launcher import recipe as recipes
 from launcher import train as worker
 from launcher.dry_run_report import Report, StageFailed, generate, inspect_head, inspect_sft, measured_memory, predict
@@ -107,7 +107,7 @@ def build(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, repor
     dry.training.update(SHRUNK)
     report.note(f"dry run: {STEPS} steps on the first {ROWS} rows, gradient accumulation 1, a checkpoint at step "
                 f"{STEPS}, one evaluation on {EVAL_ROWS} rows at the end; run directory {run_dir}")
-    for change in [] if torch.cuda.is_available() else cpu_fallbacks(dry):
+    for change in [] if torch.cuda.is_available() else cpu_fallbacks(dry, recipe_path):
         report.note(change)
     changed = sorted(k for k in dry.training.keys() | recipe.training.keys()
                      if dry.training.get(k, "unset") != recipe.training.get(k, "unset"))
@@ -166,11 +166,17 @@ SHRUNK = {"max_steps": STEPS, "save_steps": STEPS, "save_strategy": "steps", "lo
 DERIVED = ("do_eval", "output_dir", "logging_dir", "deepspeed", "hf_deepspeed_config")
 
 
-def cpu_fallbacks(dry) -> list[str]:
+def cpu_fallbacks(dry, where: str) -> list[str]:
     """What cannot run on a CPU, replaced; each change is reported."""
     changes = []
-    if dry.training.get("bf16") or dry.training.get("fp16"):
-        dry.training.update(bf16=False, fp16=False)
+    try:  # before flash-attention and QLoRA are swapped out below. A note, not a failure: a CPU machine may dry-run
+        # a GPU recipe it will not run; `launch` and `submit` refuse it (their ranks run this Python)
+        preflight.check_packages(dry, where)
+    except RecipeError as err:
+        changes.append(f"the real run needs a package this Python lacks, and launch and submit refuse it: {err}")
+    if any(dry.training.get(key) for key in ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval")):
+        dry.training.update({key: False for key in ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval")
+                             if key in dry.training})
         changes.append("CPU: bf16/fp16 off (training in float32)")
     if dry.model.dtype in ("bfloat16", "float16"):
         changes.append(f"CPU: model.dtype {dry.model.dtype} -> float32")

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from launcher import sft_fields
 from launcher.errors import RecipeError
-from launcher.schema import Recipe
+from launcher.schema import Recipe, fail
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def resolve(recipe: Recipe, world: int, model_config: dict | None, where: str) -
         if current != "auto" and current != value:
             raise RecipeError(f"{label}: {key} is {current!r} but the recipe gives {value!r}; set it to \"auto\"")
         ds[key] = value
-    _set_precision(ds, recipe)
+    _set_precision(ds, recipe, where)
     _set_optimizer(ds, recipe)
     _set_buckets(ds, model_config, label)
     _no_auto_left(ds, label)
@@ -107,14 +110,54 @@ def resolve_batch(recipe: Recipe, world: int, where: str) -> Batch:
     return Batch(micro, accumulation, world)
 
 
-def _set_precision(ds: dict, recipe: Recipe) -> None:
-    fp16, bf16 = bool(training_value(recipe, "fp16")), training_value(recipe, "bf16")
-    bf16 = (not fp16) if bf16 is None else bool(bf16)  # SFTConfig's rule for an unset bf16
+def _set_precision(ds: dict, recipe: Recipe, where: str) -> None:
+    """Resolve bf16/fp16 once, write the answer into recipe.training too (SFTConfig then agrees with DeepSpeed and
+    TRL's own default, bf16 whenever fp16 is off, never applies) and into the config."""
+    t = recipe.training
+    bf16, fp16 = precision(t.get("bf16"), bool(t.get("fp16")), capability := device_capability())
+    if bf16 and capability is not None and capability < BF16_CAPABILITY:  # the rank's one line, before any load
+        fail(where, "training.bf16", f"is true (set, or the default of a launch from a host without GPUs), but "
+             f"this host's GPUs have compute capability {capability[0]}.{capability[1]} and bf16 needs 8.0 (A100, "
+             "H100 or newer): set training.fp16: true")
+    t.update(bf16=bf16, fp16=fp16)
     for key, enabled in (("bf16", bf16), ("fp16", fp16)):
+        # HF compares <key>.enabled with training.<key> or <key>_full_eval (trainer_config_process); rules.py
+        # refuses a full_eval whose precision is off, as the engine evaluates in the precision it trains in
+        enabled = enabled or bool(t.get(f"{key}_full_eval"))
         section = ds.setdefault(key, {})
         if section.get("enabled", "auto") not in ("auto", enabled):
             raise RecipeError(f"{recipe.deepspeed.config}: {key}.enabled contradicts training.{key}; set \"auto\"")
         section["enabled"] = enabled
+
+
+def precision(bf16: bool | None, fp16: bool, capability: tuple[int, int] | None) -> tuple[bool, bool]:
+    """(bf16, fp16) for training. capability: the lowest CUDA compute capability among the devices this process
+    sees, or None where it sees none. An unset bf16 (with fp16 off) is bf16 on devices that have it (8.0, Ampere,
+    and newer), fp16 on older GPUs (V100, T4), and bf16 where no GPU is seen: a CPU run (as before), or a login node
+    planning a GPU job (the ranks see the devices: their gate refuses bf16 on GPUs without it, in one line)."""
+    if bf16 is None:
+        bf16 = not fp16 and (capability is None or capability >= BF16_CAPABILITY)
+        fp16 = fp16 or not bf16
+    return bool(bf16), bool(fp16)
+
+
+BF16_CAPABILITY = (8, 0)
+
+
+def device_capability() -> tuple[int, int] | None:
+    """The lowest compute capability of the CUDA devices this process may use, or None when it sees none. Asked of
+    nvidia-smi rather than torch: `plan` imports no heavy library (and no GPU, no nvidia-smi: None)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return None
+    if (smi := shutil.which("nvidia-smi")) is None:
+        return None
+    command = [smi, "--query-gpu=compute_cap", "--format=csv,noheader", *(["-i", visible] if visible else [])]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True).stdout
+        return min(tuple(int(x) for x in line.strip().split(".")) for line in out.splitlines() if line.strip())
+    except (OSError, ValueError, subprocess.SubprocessError):  # an old driver without compute_cap, MIG ids, ...
+        return None
 
 
 def _set_optimizer(ds: dict, recipe: Recipe) -> None:

@@ -49,22 +49,31 @@ def evaluate(model_dir: str, data: str, split: str = "train", output: str | None
     import torch
     from transformers import AutoTokenizer
 
+    device, dtype = device_and_dtype(config, torch.cuda.is_available())
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = auto_class_for(config).from_pretrained(directory, dtype=torch.float32).eval()
+        model = auto_class_for(config).from_pretrained(directory, dtype=getattr(torch, dtype)).to(device).eval()
     except (OSError, ValueError) as err:
         raise RecipeError(f"{directory}: cannot load the model or its tokenizer ({str(err).splitlines()[0]})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    print(f"evaluating {directory} ({config['architectures'][0]}) on {data}: {len(rows)} rows", flush=True)
+    print(f"evaluating {directory} ({config['architectures'][0]}, {dtype} on {device}) on {data}: {len(rows)} rows",
+          flush=True)
     with torch.no_grad():
         metrics = (_classifier_metrics(model, tokenizer, rows, task, labels, batch_size) if classifier else
-                   _lm_metrics(model, tokenizer, rows, prompts, max_new_tokens))
-    result = {"model": str(directory.absolute()), "data": str(data), "rows": len(rows), "task": task, **metrics}
+                   _lm_metrics(model, tokenizer, rows, prompts, max_new_tokens, batch_size))
+    result = {"model": str(directory.absolute()), "data": str(data), "rows": len(rows), "task": task,
+              "device": device, "dtype": dtype, **metrics}
     out = Path(output) if output else directory / f"metrics-{Path(data).stem}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(render(result) + f"\nwritten: {out}", flush=True)
     return result
+
+
+def device_and_dtype(config: dict, cuda: bool) -> tuple[str, str]:
+    """The GPU when there is one, and the dtype the model was saved in (consolidate writes it): an 8B model in fp32
+    on the CPU takes hours and 32 GB."""
+    return ("cuda" if cuda else "cpu"), config.get("dtype") or config.get("torch_dtype") or "float32"
 
 
 def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], batch_size: int) -> dict:
@@ -75,7 +84,7 @@ def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], ba
         batch = rows[start : start + batch_size]
         encoded = tokenizer(batch["text"], truncation=True, padding=True, return_tensors="pt",
                             max_length=min(tokenizer.model_max_length, 4096))
-        outputs.append(model(**encoded).logits.float())
+        outputs.append(model(**encoded.to(model.device)).logits.float().cpu())
         targets += [classify.target(v, task, labels) for v in batch["label"]]
     logits = torch.cat(outputs)
     if task == "regression":
@@ -85,55 +94,71 @@ def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], ba
             **classify.scores(logits.argmax(-1).numpy(), target.numpy(), len(labels)), "labels": labels}
 
 
-def _lm_metrics(model, tokenizer, rows, prompts: int, max_new_tokens: int) -> dict:
+def _lm_metrics(model, tokenizer, rows, prompts: int, max_new_tokens: int, batch_size: int) -> dict:
     """Loss and perplexity over the scored tokens, then greedy answers to the first rows' prompts (conversations
-    without their last assistant turn)."""
+    without their last assistant turn), batch_size rows at a time."""
     import torch
 
-    total, count, marked = 0.0, 0, bool(GENERATION_MARKERS.search(tokenizer.chat_template or ""))
+    marked = bool(GENERATION_MARKERS.search(tokenizer.chat_template or ""))
     # conversational prompt/completion rows (lists of turns) are one conversation
     rows = [{"messages": [*r["prompt"], *r["completion"]]} if isinstance(r.get("prompt"), list) else r for r in rows]
-    for row in rows:
-        if "messages" in row:  # ids, and which of them are scored (1) or context (0)
-            out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=marked)
-            ids = list(out["input_ids"])
-            mask = list(out["assistant_masks"]) if marked else [1] * len(ids)
-        elif "prompt" in row:
-            prompt = tokenizer(row["prompt"])["input_ids"]
-            completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-            ids, mask = prompt + completion, [0] * len(prompt) + [1] * len(completion)
-        else:
-            ids = tokenizer(row["text"])["input_ids"]
-            mask = [1] * len(ids)
-        if sum(mask[1:]) == 0:
-            continue
-        labels = torch.tensor([t if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)])
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()  # -100: ignored
-        count += int((labels != -100).sum())
-    if count == 0:
+    scored = [(ids, mask) for ids, mask in (_scored(tokenizer, row, marked) for row in rows) if sum(mask[1:])]
+    if not scored:
         raise RecipeError("--data: no row has a token to score (empty completions, or a template that marks none)")
+    total, count, pad = 0.0, 0, tokenizer.pad_token_id
+    for start in range(0, len(scored), batch_size):
+        batch = scored[start : start + batch_size]
+        width = max(len(ids) for ids, _ in batch)  # right padding: the real tokens keep their positions
+        ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch], device=model.device)
+        attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch], device=model.device)
+        labels = torch.tensor([[t if m else -100 for t, m in zip(i[1:], m[1:], strict=True)] + [-100] * (width - len(i))
+                               for i, m in batch], device=model.device)  # -100: context and padding, not scored
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        for row_logits, row_labels in zip(logits, labels, strict=True):  # one row's fp32 logits at a time
+            total += torch.nn.functional.cross_entropy(row_logits.float(), row_labels, reduction="sum").item()
+        count += int((labels != -100).sum())
+    asked = [p for p in (_prompt(tokenizer, row) for row in rows[: max(prompts, 0)]) if p]
+    tokenizer.padding_side = "left"  # generation continues every row from the batch's last position
     samples = []
-    for row in rows[:max(prompts, 0)]:
-        if "messages" in row:
-            turns = row["messages"]
-            cut = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
-            context, reference = turns[:cut], turns[cut]["content"]
-            ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True, return_dict=True
-                                                )["input_ids"]
-            prompt = context[-1]["content"] if context else ""
-        elif "prompt" in row:
-            prompt, reference = row["prompt"], row["completion"]
-            ids = tokenizer(prompt)["input_ids"]
-        else:
-            continue
-        generated = model.generate(torch.tensor([list(ids)]), max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
-        samples.append({"prompt": prompt, "reference": reference,
-                        "generated": tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)})
+    for start in range(0, len(asked), batch_size):
+        batch = asked[start : start + batch_size]
+        encoded = tokenizer.pad({"input_ids": [ids for ids, _, _ in batch]}, return_tensors="pt").to(model.device)
+        generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        width = encoded["input_ids"].shape[1]
+        samples += [{"prompt": prompt, "reference": reference,
+                     "generated": tokenizer.decode(out[width:], skip_special_tokens=True)}
+                    for out, (_, prompt, reference) in zip(generated, batch, strict=True)]
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "samples": samples}
+
+
+def _scored(tokenizer, row: dict, marked: bool) -> tuple[list[int], list[int]]:
+    """A row's ids, and which of them are scored (1) or context (0)."""
+    if "messages" in row:
+        out = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=marked)
+        ids = list(out["input_ids"])
+        return ids, list(out["assistant_masks"]) if marked else [1] * len(ids)
+    if "prompt" in row:
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+    ids = tokenizer(row["text"])["input_ids"]
+    return ids, [1] * len(ids)
+
+
+def _prompt(tokenizer, row: dict) -> tuple[list[int], str, str] | None:
+    """The ids to generate from, the prompt and the reference answer; None for a text row."""
+    if "messages" in row:
+        turns = row["messages"]
+        cut = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        context = turns[:cut]
+        ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True, return_dict=True
+                                            )["input_ids"]
+        return list(ids), context[-1]["content"] if context else "", turns[cut]["content"]
+    if "prompt" in row:
+        return tokenizer(row["prompt"])["input_ids"], row["prompt"], row["completion"]
+    return None
 
 
 def render(result: dict) -> str:

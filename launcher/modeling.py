@@ -102,12 +102,22 @@ def load_model(recipe: Recipe, on_gpu: bool):
         if not on_gpu:
             raise RecipeError(f"lora.quantize {recipe.lora.quantize} (QLoRA) needs a CUDA GPU (bitsandbytes); "
                               "set lora.quantize: none for a CPU run")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True) if recipe.lora.quantize == "8bit" else (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16))
+        kwargs["quantization_config"] = quantization_config(recipe)
     return cls.from_pretrained(m.name_or_path, dtype=dtype, **head_config(recipe), **kwargs)
+
+
+def quantization_config(recipe: Recipe):
+    """QLoRA's BitsAndBytesConfig. The 4-bit layers compute in the training precision (recipe.training holds it as
+    ds_config.resolve settled it): bf16 compute under fp16 would need bf16 hardware the fp16 choice says is absent."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if recipe.lora.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    t = recipe.training
+    compute = torch.bfloat16 if t.get("bf16") else torch.float16 if t.get("fp16") else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
 
 
 def lora_config(recipe: Recipe, model, where: str):

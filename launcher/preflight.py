@@ -4,11 +4,19 @@ is reported before any rank is started or any job waits in a queue.
 The data is loaded exactly as the worker loads it (datasets caches the arrow files, so the ranks' load is then
 cheap). Hub datasets are left to the ranks: there may be no network here. A hub tokenizer is checked when it is in
 the local cache, and otherwise left to the ranks too.
+
+The packages the recipe needs (flash-attn, bitsandbytes) are looked up here too, without importing them: the ranks
+run this same Python (`launch` starts them with sys.executable, and the Slurm job script runs the sys.executable of
+`submit`), so what is installed here is what they import, even on a login node without a GPU. `plan` does not look.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,8 +28,23 @@ from launcher.schema import Recipe
 GENERATION_MARKERS = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
+# attn_implementation: (module, distribution, lowest version), as transformers' FLASH_ATTENTION_COMPATIBILITY_MATRIX
+# (modeling_flash_attention_utils.py) tells them apart: FA2 and FA4 share the module flash_attn.
+FLASH = {"flash_attention_2": ("flash_attn", "flash-attn", "2.3.3"),
+         "flash_attention_3": ("flash_attn_interface", "flash-attn-3", None),
+         "flash_attention_4": ("flash_attn", "flash-attn-4", None)}
+# With flash-attn missing and `kernels` in this range installed, transformers loads the hub kernel instead
+# (modeling_utils._check_and_adjust_attn_implementation; FLASH_ATTN_KERNEL_FALLBACK, KERNELS_MIN/MAX_VERSION).
+KERNELS = {"flash_attention_2": "kernels-community/flash-attn2",
+           "flash_attention_3": "kernels-community/vllm-flash-attn3",
+           "flash_attention_4": "kernels-community/flash-attn4"}
+KERNELS_VERSIONS = ("0.18.2", "0.19.0")
+BITSANDBYTES_VERSION = "0.46.1"  # transformers' BITSANDBYTES_MIN_VERSION
+
+
 def check(recipe: Recipe, where: str) -> None:
-    """Raise RecipeError (one line naming the file and row or key) for data or tokenizer problems."""
+    """Raise RecipeError (one line naming the file and row or key) for data, tokenizer or package problems."""
+    check_packages(recipe, where)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # libraries' notes on stderr would bury the one line that matters
         sets: list = []  # (key, path, dataset) for each local dataset
@@ -32,6 +55,64 @@ def check(recipe: Recipe, where: str) -> None:
             data.load(recipe, where, ds_config.training_value(recipe, "seed"), local_only=True, loaded=sets)
         if (tokenizer := _tokenizer(recipe, where)) is not None:
             check_template(recipe, where, tokenizer, sets)
+
+
+def check_packages(recipe: Recipe, where: str) -> None:
+    """The packages the recipe's attention and QLoRA need, installed in this Python (so for the ranks)."""
+    python, impl, lora = sys.executable, recipe.model.attn_implementation, recipe.lora
+    if impl in FLASH and not _at_least(*FLASH[impl]) and not _hub_kernel(impl, where, python):
+        dist, lowest = FLASH[impl][1:]
+        version = f" {lowest} or newer" if lowest else ""
+        raise RecipeError(f"{where}: model.attn_implementation {impl} needs {dist}{version}, which {python} (the "
+                          f"Python the ranks run) lacks: pip install {dist} --no-build-isolation, or set "
+                          "model.attn_implementation: sdpa")
+    if lora and lora.quantize != "none" and not _at_least("bitsandbytes", "bitsandbytes", BITSANDBYTES_VERSION):
+        raise RecipeError(f"{where}: lora.quantize {lora.quantize} (QLoRA) needs bitsandbytes {BITSANDBYTES_VERSION} "
+                          f"or newer, which {python} (the Python the ranks run) lacks: pip install bitsandbytes, or "
+                          "set lora.quantize: none")
+
+
+def _hub_kernel(impl: str, where: str, python: str) -> bool:
+    """Whether transformers will load the hub kernel for a missing flash-attn: `kernels` is installed (in the
+    range it accepts), and every rank fetches the kernel at start, so offline it must be in the cache already."""
+    from packaging.version import Version
+
+    kernels = _version("kernels", "kernels")
+    if kernels is None or not Version(KERNELS_VERSIONS[0]) <= kernels < Version(KERNELS_VERSIONS[1]):
+        return False
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") and not _cached(KERNELS[impl]):
+        raise RecipeError(f"{where}: model.attn_implementation {impl} needs {FLASH[impl][1]}, which {python} lacks, "
+                          f"and the hub kernel transformers would load instead ({KERNELS[impl]}, as the kernels "
+                          "package is installed) is not in the cache, with HF_HUB_OFFLINE set: pip install "
+                          f"{FLASH[impl][1]} --no-build-isolation, or set model.attn_implementation: sdpa")
+    return True
+
+
+def _at_least(module: str, dist: str, lowest: str | None) -> bool:
+    from packaging.version import Version
+
+    found = _version(module, dist)
+    return found is not None and (lowest is None or found >= Version(lowest))
+
+
+def _version(module: str, dist: str):
+    """The installed version of distribution `dist` when it provides an importable `module`, else None; imports
+    nothing (find_spec of a top-level name only looks at the path)."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(importlib.metadata.version(dist)) if importlib.util.find_spec(module) else None
+    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+        return None
+
+
+def _cached(repo: str) -> bool:
+    """Whether a hub repo has a snapshot in the cache kernels downloads to (KERNELS_CACHE, else the hub's)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    cache = os.environ.get("KERNELS_CACHE") or os.environ.get("HF_KERNELS_CACHE") or HF_HUB_CACHE
+    snapshots = Path(cache) / f"models--{repo.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
 
 
 def _tokenizer(recipe: Recipe, where: str):

@@ -16,6 +16,7 @@ SHARED_WITH_SFT = {"max_length"}
 def check(recipe: Recipe, ds: dict, stage: int, model_config: dict | None, where: str, label: str) -> None:
     """ds: the DeepSpeed template merged with deepspeed.overrides (label names it)."""
     check_training(recipe, where)
+    check_precision(recipe, model_config, where)
     check_task(recipe, where)
     zero, lora = ds.get("zero_optimization", {}), recipe.lora
     if lora and lora.quantize != "none" and stage == 3:
@@ -70,6 +71,29 @@ def check_training(recipe: Recipe, where: str) -> None:
         fail(where, "training.load_best_model_at_end", "is not supported: consolidation takes the newest complete "
              "checkpoint and retention keeps the newest; remove it, and consolidate the checkpoint you want with "
              "launcher consolidate RUN_DIR/checkpoints/checkpoint-N OUTPUT")
+
+
+def check_precision(recipe: Recipe, config: dict | None, where: str) -> None:
+    """Precisions that train differently from what they say. recipe.training holds bf16 and fp16 as
+    ds_config.resolve settled them."""
+    t, m = recipe.training, recipe.model
+    for key in ("bf16", "fp16"):  # one DeepSpeed engine trains and evaluates, in one precision
+        if t.get(f"{key}_full_eval") and not t.get(key):
+            fail(where, f"training.{key}_full_eval", f"is true but training.{key} is off: under DeepSpeed the model "
+                 f"evaluates in the precision it trains in; set training.{key}: true or remove {key}_full_eval")
+    if t.get("bf16") or t.get("fp16"):
+        return  # DeepSpeed casts the weights to that precision whatever model.dtype loaded
+    dtype = m.dtype
+    if dtype == "auto" and m.init == "pretrained":  # the checkpoint's own dtype
+        dtype = str((config or {}).get("dtype") or (config or {}).get("torch_dtype") or "float32")
+    if dtype in ("bfloat16", "float16"):  # ZeRO-3's zero.Init casts to float32, ZeRO-2 keeps half precision
+        fail(where, "model.dtype", f"is {m.dtype}" + (f" ({dtype} from the model's config)" if m.dtype == "auto"
+             else "") + " but training.bf16 and fp16 are off: ZeRO-3 would train in float32 and ZeRO-2 in pure "
+             f"{dtype}; set training.{'bf16' if dtype == 'bfloat16' else 'fp16'}: true (mixed precision) or "
+             "model.dtype: float32")
+    if (m.attn_implementation or "").startswith("flash_attention"):
+        fail(where, "model.attn_implementation", f"is {m.attn_implementation}, which runs in bf16 or fp16 only, "
+             "but training.bf16 and fp16 are off (float32): set training.bf16: true (or fp16), or use sdpa")
 
 
 def check_task(recipe: Recipe, where: str) -> None:

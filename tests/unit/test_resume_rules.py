@@ -48,7 +48,7 @@ def test_cluster_and_tracking_settings_change_freely(finished_run):
     ("--training.learning_rate=1e-4", "training.learning_rate"),
     ("--training.max_steps=100", "training.max_steps"),  # shorter: the schedule would end elsewhere
     ("--data.eval_fraction=0.1", "data.eval_fraction"),
-    ("--model.dtype=bfloat16", "model.dtype"),
+    ("--model.dtype=auto", "model.dtype"),
 ])
 def test_a_change_that_identifies_the_experiment_is_refused(finished_run, tmp_path, flag, key):
     before = (tmp_path / "run" / "recipe.yaml").read_text()

@@ -47,6 +47,12 @@ CASES = {
     "best model at end ignored": ({"training": {"load_best_model_at_end": True}},
                                   ["training.load_best_model_at_end", "newest complete checkpoint",
                                    "launcher consolidate"]),
+    "full eval in a precision training is not in": ({"training": {"bf16_full_eval": True}},
+                                                    ["training.bf16_full_eval", "training.bf16: true"]),
+    "half-precision weights trained in fp32": ({"model": {"dtype": "bfloat16"}},
+                                               ["model.dtype", "ZeRO-3 would train in float32", "training.bf16"]),
+    "flash-attention in fp32": ({"model": {"attn_implementation": "flash_attention_2"}},
+                                ["model.attn_implementation", "bf16 or fp16 only", "sdpa"]),
 }
 
 
