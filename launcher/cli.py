@@ -77,9 +77,9 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     env = {**os.environ, **plan.env}
     if topology.VISIBLE in env:  # else DeepSpeed ignores it with a warning; the ranks get it back (visible_devices)
         env.pop("CUDA_VISIBLE_DEVICES", None)
-    code = _run_ranks(plan.command, env)
+    code, stopped = _run_ranks(plan.command, env)
     final = run.run_dir / "final"
-    if code not in (0, EXIT_BAD_INPUT) and code < 128:  # bad input: the rank's own line says it all
+    if code not in (0, EXIT_BAD_INPUT) and not stopped:  # bad input: the rank's own line says it all
         print(f"error: training failed (deepspeed exit code {code}); the failing rank's error is above; the same "
               "command continues the run from its newest complete checkpoint", file=sys.stderr, flush=True)
     elif code == 0 and topo.node_rank == 0:
@@ -87,10 +87,11 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     sys.exit(code)
 
 
-def _run_ranks(command: list[str], env: dict[str, str]) -> int:
+def _run_ranks(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
     """DeepSpeed's runner in a process group of its own, which SIGINT or SIGTERM to `launch` (Ctrl-C, a scheduler,
     kill) is passed on to: the runner, its per-node launcher and every rank stop, none is left orphaned. Passed on
-    as SIGTERM, which ranks die of quietly (SIGINT makes each print a KeyboardInterrupt traceback). Exit: 128 + N."""
+    as SIGTERM, which ranks die of quietly (SIGINT makes each print a KeyboardInterrupt traceback). Returns the exit
+    code (128 + N when stopped by signal N) and whether a signal stopped it."""
     child = subprocess.Popen(command, env=env, start_new_session=True)
     received: list[int] = []
 
@@ -106,7 +107,7 @@ def _run_ranks(command: list[str], env: dict[str, str]) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if not received:
-        return code
+        return code, False
     for _ in range(100):  # up to 10 s for ranks still saving or tearing down, then nothing is left running
         try:
             os.killpg(child.pid, 0)
@@ -118,7 +119,7 @@ def _run_ranks(command: list[str], env: dict[str, str]) -> int:
             os.killpg(child.pid, signal.SIGKILL)
     print(f"launch: stopped by {signal.Signals(received[0]).name}; the ranks were stopped too", file=sys.stderr,
           flush=True)
-    return 128 + received[0]
+    return 128 + received[0], True
 
 
 @exits_cleanly
