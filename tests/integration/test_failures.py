@@ -26,6 +26,15 @@ def start(recipe: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
 
+def start_training(recipe: Path, tmp_path: Path) -> subprocess.Popen:
+    """`start`, then wait until training is under way (a checkpoint is complete)."""
+    proc, deadline = start(recipe, tmp_path / "log"), time.monotonic() + 300
+    while not complete_steps(tmp_path / "run"):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
+        time.sleep(0.1)
+    return proc
+
+
 def ranks_of(recipe_dir: Path) -> list[psutil.Process]:
     """The worker processes of this test's run (found by the run directory in their command line)."""
     found = []
@@ -48,11 +57,7 @@ def wait_bounded(proc: subprocess.Popen, seconds: float) -> tuple[int, float]:
 
 def test_sigkill_of_one_rank_ends_the_run(tmp_path):
     recipe = smoke_recipe(tmp_path, training=LONG)
-    proc = start(recipe, tmp_path / "log")
-    deadline = time.monotonic() + 300
-    while not complete_steps(tmp_path / "run"):  # training is under way
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
-        time.sleep(0.1)
+    proc = start_training(recipe, tmp_path)
     victim = [p for p in ranks_of(tmp_path) if "--local_rank=1" in p.cmdline()]
     assert len(victim) == 1
     victim[0].kill()
@@ -84,11 +89,7 @@ def test_exception_on_one_rank_is_reported_once(tmp_path):
 def test_a_signal_to_launch_alone_stops_every_rank(tmp_path, sig):
     """kill PID or Ctrl-C reaching only `launch` (a scheduler, a wrapper script) leaves no rank running."""
     recipe = smoke_recipe(tmp_path, training=LONG)
-    proc = start(recipe, tmp_path / "log")
-    deadline = time.monotonic() + 300
-    while not complete_steps(tmp_path / "run"):  # training is under way
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-3000:]
-        time.sleep(0.1)
+    proc = start_training(recipe, tmp_path)
     assert len(ranks_of(tmp_path)) >= 2  # the ranks (and DeepSpeed's runner)
     proc.send_signal(sig)  # to launch's pid only, not its process group
     code, _ = wait_bounded(proc, 60)
