@@ -74,6 +74,10 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     if topo.hostfile and (left := topology.forwarded(dict(os.environ))[1]):
         print(f"not passed to the hosts over ssh: {', '.join(left)} (secrets, or values a shell would expand); "
               "the ranks use the hosts' own (~/.netrc from `wandb login`, the HF token file)", flush=True)
+    if run.recipe.task == "sft":  # here, once, so that no rank waits at a barrier while another tokenizes
+        from launcher import tokenized
+
+        tokenized.preprocess(run, recipe, required=False)
     env = {**os.environ, **plan.env}
     if topology.VISIBLE in env:  # else DeepSpeed ignores it with a warning; the ranks get it back (visible_devices)
         env.pop("CUDA_VISIBLE_DEVICES", None)
@@ -155,9 +159,33 @@ def submit(recipe: str, nodes: int | None = None, gpus_per_node: int | None = No
         return
     slurm.refuse_active_job(run_dir)
     pipeline.write(run, {**run.plan.snapshot(), slurm.SCRIPT: script})
+    print(header, flush=True)
+    if rec.task == "sft":  # here, before the queue: the job's GPUs then never wait while it tokenizes
+        from launcher import tokenized
+
+        tokenized.preprocess(run, recipe, required=False)
     (run_dir / "logs").mkdir(exist_ok=True)
     job = slurm.sbatch(run_dir / slurm.SCRIPT)
-    print(f"{header}\nsubmitted job {job}\nlog: {slurm.job_log(run_dir, rec.run.name, job)}", flush=True)
+    print(f"submitted job {job}\nlog: {slurm.job_log(run_dir, rec.run.name, job)}", flush=True)
+
+
+@exits_cleanly
+def preprocess(recipe: str, **overrides) -> None:
+    """Tokenize (and pack) RECIPE's data once, here, into the cache its ranks load it from. The cache is
+    data.cache_dir (default <parent of the run directory>/tokenized), addressed by the rows, tokenizer and token
+    settings: a later start, requeue or sweep variant with the same ones finds it there. launch and submit do this
+    themselves before any rank starts; run it as a step of its own on a CPU node for big data. Task sft only:
+    classification and regression tokenize in their trainer."""
+    from launcher import tokenized
+
+    def ranks(r):  # the run's ranks as its recipe says (the batch check needs some); they do not change the tokens
+        return topology.Topology((int(r.slurm.gpus_per_node or 1),) * (r.slurm.nodes if r.slurm.gpus_per_node else 1))
+
+    run = pipeline.prepare(recipe, _split(overrides, preprocess), ranks)
+    if run.finished:
+        print(run.status().replace("nothing to do", "nothing to tokenize"), flush=True)
+        return
+    tokenized.preprocess(run, recipe)
 
 
 @exits_cleanly
@@ -258,8 +286,9 @@ def keys(section: str | None = None) -> None:
     print(cli_help.keys(section))
 
 
-COMMANDS = {"plan": plan, "launch": launch, "submit": submit, "train": train, "consolidate": consolidate,
-            "evaluate": evaluate, "sweep": sweep, "sweep_report": sweep_report, "keys": keys}
+COMMANDS = {"plan": plan, "launch": launch, "submit": submit, "preprocess": preprocess, "train": train,
+            "consolidate": consolidate, "evaluate": evaluate, "sweep": sweep, "sweep_report": sweep_report,
+            "keys": keys}
 
 
 def main() -> None:

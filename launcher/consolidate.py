@@ -1,11 +1,12 @@
 """`consolidate`: a sharded ZeRO checkpoint (full or LoRA) becomes one ready-to-serve Hugging Face model directory.
 
-Full fine-tunes stream: one tensor at a time is read from the memory-mapped rank files, cast, and written straight
-into its output shard (launcher/safetensors_stream.py), so memory holds about one tensor, not a model or a shard.
+Full fine-tunes stream: each tensor's values are copied from the rank files (read in place, through a small buffer;
+launcher/zero_checkpoint.py), cast on the way if needed, into its output shard (launcher/safetensors_stream.py), a few
+shards at a time, so memory holds a few small buffers, not a model, a shard or even a tensor.
 LoRA runs stream too: each base tensor is read from the base model's memory-mapped safetensors, the adapter's
-product added, cast and written; the adapter is kept beside the merged model. Everything is checked before anything
-is written, and written into a temporary directory that is fsynced and renamed into place at the end. OUTPUT never
-overlaps the checkpoint it is built from.
+product added, cast and written (memory: a tensor per shard being written); the adapter is kept beside the merged
+model. Everything is checked before anything is written, and written into a temporary directory that is fsynced and
+renamed into place at the end. OUTPUT never overlaps the checkpoint it is built from.
 """
 
 from __future__ import annotations
@@ -186,8 +187,7 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    trained = {e.name: torch.cat(zero.chunks(e)).view(e.shape) for e in zero.unique}
-    zero.release()
+    trained = {e.name: zero.tensor(e) for e in zero.unique}
     empty = [n for n, t in trained.items() if "lora_" in n and (t.numel() == 0 or not torch.isfinite(t).all())]
     if empty or not any("lora_" in n for n in trained):
         raise RecipeError(f"{source}: the adapter's tensors are missing, empty or not finite {empty[:3]}")

@@ -15,10 +15,19 @@ import time
 import warnings
 from pathlib import Path
 
-from launcher import checkpoints, ds_config, modeling, pipeline, preflight, rundir, tiny
+from launcher import checkpoints, ds_config, modeling, packing, pipeline, preflight, rundir, tiny
 from launcher import recipe as recipes
 from launcher import train as worker
-from launcher.dry_run_report import Report, StageFailed, generate, inspect_head, inspect_sft, measured_memory, predict
+from launcher.dry_run_report import (
+    Report,
+    StageFailed,
+    generate,
+    inspect_head,
+    inspect_packing,
+    inspect_sft,
+    measured_memory,
+    predict,
+)
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
 from launcher.topology import Topology
 
@@ -154,6 +163,9 @@ def build(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, repor
     for printer in (PrinterCallback, ProgressCallback):
         built.trainer.remove_callback(printer)
     (inspect_sft if dry.task == "sft" else inspect_head)(report, dry, built)
+    if dry.task == "sft" and packing.on(dry.training):
+        with report.stage("packing"):
+            inspect_packing(report, dry, built)
     return built, planned, dry, run_dir
 
 
@@ -164,6 +176,11 @@ SHRUNK = {"max_steps": STEPS, "save_steps": STEPS, "save_strategy": "steps", "lo
 # Arguments that follow from those (TrainingArguments derives do_eval from eval_strategy), from the throwaway run
 # directory and from the dry run's one rank.
 DERIVED = ("do_eval", "output_dir", "logging_dir", "deepspeed", "hf_deepspeed_config")
+
+
+# Training options that run on GPUs only, switched off on a CPU (the real run keeps them).
+GPU_ONLY = {"use_liger_kernel": "Liger's kernels are Triton GPU code",
+            "activation_offloading": "it moves activations from GPU to CPU memory on CUDA streams"}
 
 
 def cpu_fallbacks(dry, where: str) -> list[str]:
@@ -184,6 +201,10 @@ def cpu_fallbacks(dry, where: str) -> list[str]:
     if dry.model.attn_implementation and dry.model.attn_implementation.startswith("flash_attention"):
         changes.append(f"CPU: attn_implementation {dry.model.attn_implementation} -> sdpa")
         dry.model.attn_implementation = "sdpa"
+    for key, why in GPU_ONLY.items():
+        if dry.training.get(key):
+            dry.training[key] = False
+            changes.append(f"CPU: training.{key} off ({why})")
     micro = dry.training.get("per_device_train_batch_size", 8)
     if micro > CPU_MICRO_BATCH:  # a GPU's batch, on a CPU: minutes of logits over the whole vocabulary per step
         dry.training.update(per_device_train_batch_size=CPU_MICRO_BATCH, per_device_eval_batch_size=CPU_MICRO_BATCH)

@@ -179,3 +179,34 @@ def generate(model, tokenizer, row: dict) -> str:
         raise RuntimeError("generation produced no tokens")
     text = tokenizer.decode(new, skip_special_tokens=False)
     return f"{shown!r} -> " + (repr(text) if text.strip() else f"{text!r}, token ids {new.tolist()}")
+
+
+PACKED_SEQUENCES, PACKED_TOKENS = 3, 256  # enough to cross two boundaries; cheap on a CPU with the real model
+
+
+def inspect_packing(report: Report, dry, built) -> None:
+    """Each sequence's loss in a packed row, against its loss alone, on the model as built: a model whose attention
+    crosses the boundaries fails here, naming the sequence, before any GPU time."""
+    from launcher import packing
+
+    rows, sequences = built.trainer.train_dataset, []
+    for row in rows.select(range(min(len(rows), PACKED_SEQUENCES))):  # packed rows hold their sequences' lengths
+        start = 0
+        for length in row.get("seq_lengths") or [len(row["input_ids"])]:
+            sequences.append(row["input_ids"][start:start + length][:PACKED_TOKENS])
+            start += length
+    sequences = [s for s in sequences if len(s) > 1][:PACKED_SEQUENCES]
+    if len(sequences) < 2:
+        report.fail("packing", "fewer than two sequences of two or more tokens in the first rows: nothing to check")
+    model, pad = built.trainer.model, built.trainer.processing_class.pad_token_id
+    with packing.gathered(model):
+        losses = packing.compare(model, sequences, pad if pad is not None else 0)
+    index, gap = packing.worst(losses)
+    attention = getattr(model.config, "_attn_implementation", None) or dry.model.attn_implementation
+    if gap > packing.TOLERANCE:
+        p, a = losses[index]
+        report.fail("packing", f"sequence {index + 1} of {len(losses)} has loss {p:.4f} packed but {a:.4f} alone: "
+                    f"this model's {attention} attention lets packed sequences see each other (it ignores where "
+                    "position_ids restart); set training.packing: false (and padding_free: false)")
+    report.add("packing", f"{len(losses)} sequences ({sum(map(len, sequences))} tokens) in one row: each loss equals "
+               f"its loss alone within {packing.TOLERANCE:g} (largest gap {gap:.1e}; {attention} attention)")

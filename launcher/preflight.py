@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from launcher import data, ds_config, modeling
+from launcher import data, ds_config, modeling, weights
 from launcher.errors import RecipeError
 from launcher.schema import Recipe
 
@@ -40,6 +40,7 @@ KERNELS = {"flash_attention_2": "kernels-community/flash-attn2",
            "flash_attention_4": "kernels-community/flash-attn4"}
 KERNELS_VERSIONS = ("0.18.2", "0.19.0")
 BITSANDBYTES_VERSION = "0.46.1"  # transformers' BITSANDBYTES_MIN_VERSION
+LIGER_VERSION = "0.3.0"  # transformers' is_liger_kernel_available
 
 
 def check(recipe: Recipe, where: str) -> None:
@@ -70,6 +71,10 @@ def check_packages(recipe: Recipe, where: str) -> None:
         raise RecipeError(f"{where}: lora.quantize {lora.quantize} (QLoRA) needs bitsandbytes {BITSANDBYTES_VERSION} "
                           f"or newer, which {python} (the Python the ranks run) lacks: pip install bitsandbytes, or "
                           "set lora.quantize: none")
+    if recipe.training.get("use_liger_kernel") and not _at_least("liger_kernel", "liger-kernel", LIGER_VERSION):
+        raise RecipeError(f"{where}: training.use_liger_kernel needs liger-kernel {LIGER_VERSION} or newer, which "
+                          f"{python} (the Python the ranks run) lacks: pip install liger-kernel, or remove "
+                          "use_liger_kernel")
 
 
 def _hub_kernel(impl: str, where: str, python: str) -> bool:
@@ -80,7 +85,7 @@ def _hub_kernel(impl: str, where: str, python: str) -> bool:
     kernels = _version("kernels", "kernels")
     if kernels is None or not Version(KERNELS_VERSIONS[0]) <= kernels < Version(KERNELS_VERSIONS[1]):
         return False
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") and not _cached(KERNELS[impl]):
+    if weights.offline() and not _cached(KERNELS[impl]):
         raise RecipeError(f"{where}: model.attn_implementation {impl} needs {FLASH[impl][1]}, which {python} lacks, "
                           f"and the hub kernel transformers would load instead ({KERNELS[impl]}, as the kernels "
                           "package is installed) is not in the cache, with HF_HUB_OFFLINE set: pip install "

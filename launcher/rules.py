@@ -5,7 +5,7 @@ Rules on one key live on the key, in schema.py. These need the merged DeepSpeed 
 
 from __future__ import annotations
 
-from launcher import ds_config, ds_fields, memory, sft_fields
+from launcher import ds_config, ds_fields, memory, packing, sft_fields
 from launcher.errors import RecipeError
 from launcher.schema import Recipe, fail
 
@@ -18,6 +18,7 @@ def check(recipe: Recipe, ds: dict, stage: int, model_config: dict | None, where
     check_training(recipe, where)
     check_precision(recipe, model_config, where)
     check_task(recipe, where)
+    check_speed_options(recipe, model_config, stage, where)
     zero, lora = ds.get("zero_optimization", {}), recipe.lora
     if lora and lora.quantize != "none" and stage == 3:
         raise RecipeError(f"{where}: lora.quantize {lora.quantize} (QLoRA) cannot run with ZeRO-3 ({label}); "
@@ -122,6 +123,33 @@ def check_task(recipe: Recipe, where: str) -> None:
         fail(where, "head", "labels and class_weights are for classification; regression predicts one number")
     if recipe.freeze and recipe.lora:
         fail(where, "freeze", "and lora both choose what trains: LoRA already freezes the base model; remove one")
+
+
+def check_speed_options(recipe: Recipe, config: dict | None, stage: int, where: str) -> None:
+    """Packing, the chunked loss, Liger and checkpointing variants: combinations TRL or the libraries under it would
+    refuse on every rank after the queue, or that would train something other than what the recipe says."""
+    t, lora = recipe.training, recipe.lora
+    if t.get("padding_free") and not t.get("packing") and ds_config.training_value(recipe, "max_length") is not None:
+        fail(where, "training.padding_free", "without packing cannot enforce max_length (TRL refuses it): set "
+             "training.packing: true (rows are filled up to max_length), or max_length: null with truncated data")
+    if packing.on(t) and (cause := packing.mixing_cause((config or {}).get("model_type"))):
+        key = "training.packing" if t.get("packing") else "training.padding_free"
+        fail(where, key, f"would let packed sequences see each other in this {config.get('model_type')} model: "
+             f"{cause}; set {key}: false")
+    targets = lora.target_modules if lora and not isinstance(lora.target_modules, str) else []
+    if recipe.task == "sft" and any(target.rsplit(".", 1)[-1] == "lm_head" for target in targets):
+        fail(where, "lora.target_modules", "includes lm_head, but TRL computes the SFT loss in chunks straight from "
+             "lm_head's base weight (its fused LM head), so an adapter there would never train; train lm_head fully "
+             "with lora.modules_to_save: [lm_head], or leave it out")
+    if (t.get("liger_kernel_config") or {}).get("fused_linear_cross_entropy"):
+        fail(where, "training.liger_kernel_config", "sets fused_linear_cross_entropy, which TRL refuses: its own "
+             "chunked loss already avoids the full logits; remove it (Liger's other kernels still apply)")
+    kwargs = t.get("activation_checkpointing_kwargs") or t.get("gradient_checkpointing_kwargs") or {}
+    checkpointing = t.get("activation_checkpointing") or t.get("gradient_checkpointing")
+    if lora and stage == 3 and checkpointing and kwargs.get("use_reentrant") is False:
+        fail(where, "training.gradient_checkpointing_kwargs", "sets use_reentrant: false, but LoRA under ZeRO-3 "
+             "with checkpointing needs reentrant checkpointing (trl #2514: the frozen base has no gradients to "
+             "recompute from); remove use_reentrant")
 
 
 def check_lora_targets(recipe: Recipe, config: dict | None, where: str) -> None:

@@ -14,6 +14,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from launcher import sft_fields
@@ -76,6 +77,19 @@ class DataSection:
     eval: list[DatasetSpec] = doc("Evaluation datasets; when empty, eval_fraction of train is held out.", factory=list)
     eval_fraction: float = doc("Share of training rows held out for evaluation when no eval set is given.",
                                FRACTION, default=0.0)
+    cache_dir: str | None = doc("Where the data is kept tokenized (and packed), by content, for every start, requeue "
+                                "and sweep variant to share; default: <parent of run.output_dir>/tokenized.",
+                                default=None, identity=False, convert=lambda raw, where: _directory(raw, where))
+
+
+def _directory(raw: Any, where: str) -> str | None:
+    """data.cache_dir: a path, made absolute (the ranks and the Slurm job run the resolved recipe from elsewhere)."""
+    if raw is None:
+        return None
+    value = scalar(str, raw, where, "data.cache_dir")
+    if not value.strip():
+        fail(where, "data.cache_dir", "is empty; give a directory, or leave it unset for the default")
+    return str(Path(value).expanduser().absolute())
 
 
 @dataclass

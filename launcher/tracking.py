@@ -112,12 +112,14 @@ def run_config(recipe_dict: dict, ds: dict, world: int, nodes: int, batch: str, 
             "versions": env.get("versions"), "git": env.get("git"), "slurm": slurm or None}
 
 
-def make_callback(run, world: int):
-    """Logs what the trainer logs, plus throughput: tokens/s overall and per device (TRL's `num_tokens`, or the HF
-    Trainer's non-padding `num_input_tokens_seen`, counts non-padding tokens over all ranks) over the time spent
-    training (evaluation and checkpoint saves left out), and on known GPUs the model FLOPs utilisation:
-    model_flops(model, max_length) x tokens/s over the devices' peak; the model, seen at the start of training, says
-    which weights train."""
+def make_throughput(world: int):
+    """A callback that measures throughput and writes it into the trainer's logs, for the console, W&B and the
+    end-of-run line: tokens/s overall and per device (TRL's `num_tokens`, or the HF Trainer's non-padding
+    `num_input_tokens_seen`, counts non-padding tokens over all ranks) over the time spent training (evaluation and
+    checkpoint saves left out); the share of padding among the positions trained (the HF Trainer's count of all
+    positions, `include_num_input_tokens_seen: all`, against TRL's non-padding one); and on known GPUs the model
+    FLOPs utilisation: model_flops(model, max_length) x tokens/s over the devices' peak (the model, seen at the start
+    of training, says which weights train)."""
     import torch
     from transformers import TrainerCallback
 
@@ -125,14 +127,17 @@ def make_callback(run, world: int):
     device = torch.cuda.get_device_name() if cuda else ""
     sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else None
 
-    class Tracker(TrainerCallback):
-        last = None  # (time, num_tokens) at the previous train log
+    class Throughput(TrainerCallback):
+        since = None  # when the previous train log (or the start) was
+        counts: dict = {}  # the trainer's token counts at that time: TRL's restarts at 0, the HF Trainer's resumes
         paused = 0.0  # seconds of evaluation and saving since then
         step_end = 0.0  # when the last optimizer step ended: what follows it until the next step is not training
         per_token = peak = None
+        totals = (0, 0.0, 0, 0)  # tokens, training seconds, positions and their non-padding tokens, since the start
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.last, self.paused = (time.monotonic(), None), 0.0
+            self.since, self.paused = time.monotonic(), 0.0
+            self.counts = {"num_tokens": 0, "num_input_tokens_seen": getattr(state, "num_input_tokens_seen", 0)}
             if args.bf16 or args.fp16:  # tensor-core peaks are 16-bit ones; an fp32 run has no MFU
                 self.peak = peak_flops(device, bool(args.bf16), sms)
             # attention at the full max_length: exact for packed rows, an upper bound for shorter unpacked ones
@@ -143,8 +148,8 @@ def make_callback(run, world: int):
 
         def pause(self) -> None:  # evaluation or a save just ended; it began when the last step ended
             now = time.monotonic()
-            if self.last is not None:
-                self.paused += now - max(self.step_end, self.last[0])
+            if self.since is not None:
+                self.paused += now - max(self.step_end, self.since)
             self.step_end = now
 
         def on_evaluate(self, args, state, control, **kwargs):
@@ -154,19 +159,51 @@ def make_callback(run, world: int):
             self.pause()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = dict(logs or {})
-            tokens = logs.get("num_tokens", logs.get("num_input_tokens_seen"))  # TRL's, else the HF Trainer's
-            evaluation = any(k.startswith("eval_") for k in logs)
-            if tokens is not None and self.last is not None and not evaluation:
-                (since, before), now = self.last, time.monotonic()
-                counted = tokens - before if before is not None and tokens >= before else tokens
-                rate = counted / max(now - since - self.paused, 1e-9)
-                logs.update(tokens_per_second=rate, tokens_per_second_per_device=rate / world)
-                if self.peak and self.per_token:
-                    logs["mfu"] = self.per_token * rate / (self.peak * world)
-                self.last, self.paused = (now, tokens), 0.0
+            if logs is None or "loss" not in logs or self.since is None:
+                return  # evaluation, or the run's closing log (the HF Trainer's totals, without TRL's count)
+            key = "num_tokens" if "num_tokens" in logs else "num_input_tokens_seen"  # TRL's, else the HF Trainer's
+            if key not in logs:
+                return
+            counted, now = logs[key] - self.counts[key], time.monotonic()
+            seconds = max(now - self.since - self.paused, 1e-9)
+            logs.update(tokens_per_second=counted / seconds, tokens_per_second_per_device=counted / seconds / world)
+            if self.peak and self.per_token:
+                logs["mfu"] = self.per_token * counted / seconds / (self.peak * world)
+            n, t, p, q = self.totals
+            if key == "num_tokens" and "num_input_tokens_seen" in logs:  # every position, padding too
+                positions = logs["num_input_tokens_seen"] - self.counts["num_input_tokens_seen"]
+                logs["padding_share"] = 1 - counted / positions if positions else 0.0
+                p, q = p + positions, q + counted
+            self.totals = (n + counted, t + seconds, p, q)
+            self.counts = {**self.counts, **{k: logs[k] for k in self.counts if k in logs}}
+            self.since, self.paused = now, 0.0
+
+        def summary(self) -> str | None:
+            """One line for the end of the run, or None before the first train log."""
+            tokens, seconds, positions, unpadded = self.totals
+            if not tokens:
+                return None
+            rate = tokens / seconds
+            line = f"speed: {rate:,.0f} non-padding tokens/s ({rate / world:,.0f} per device)"
+            if positions:
+                line += f", {1 - unpadded / positions:.1%} of the positions trained were padding"
+            if self.peak and self.per_token:
+                line += f", MFU {self.per_token * rate / (self.peak * world):.1%} ({device})"
+            return line
+
+    return Throughput()
+
+
+def make_callback(run):
+    """Logs to W&B what the trainer logs, throughput included (make_throughput's callback, added before this one,
+    writes it into the same logs)."""
+    from transformers import TrainerCallback
+
+    class Tracker(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            evaluation = any(k.startswith("eval_") for k in logs or {})
             prefix = "eval/" if evaluation else "train/"
-            metrics = {(f"eval/{k[5:]}" if k.startswith("eval_") else prefix + k): v for k, v in logs.items()
+            metrics = {(f"eval/{k[5:]}" if k.startswith("eval_") else prefix + k): v for k, v in (logs or {}).items()
                        if isinstance(v, (int, float))}
             run.log({**metrics, "train/global_step": state.global_step})
 

@@ -94,6 +94,7 @@ class Built:
     eval_set: Any
     trainable: tuple[int, int]  # (trainable, total) parameters
     stopper: Any = None
+    throughput: Any = None  # tokens/s, padding and MFU, for the logs and the end-of-run line
 
 
 def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextlib.nullcontext(),
@@ -103,7 +104,7 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
     import deepspeed  # heavy imports only once the recipe is known to be good
     import torch
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from launcher import freeze
     from launcher.callbacks import STOP_FILE_ENV, CompleteCheckpoints, Perplexity, StopOnRequest
@@ -153,20 +154,25 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
 
     # --- trainer: TRL's for SFT (it tokenizes the data), the HF Trainer for a classification or regression head
     stopper = StopOnRequest(os.environ[STOP_FILE_ENV]) if os.environ.get(STOP_FILE_ENV) else None
-    callbacks = [*([stopper] if stopper else []),  # first: it sets should_save, which CompleteCheckpoints reads
+    throughput = tracking.make_throughput(world)
+    callbacks = [*([stopper] if stopper else []), throughput,  # stopper first: it sets should_save, which
+                 # CompleteCheckpoints reads; throughput before W&B's callback (train adds it), which logs its numbers
                  CompleteCheckpoints(run_dir, world, ds_config.zero_stage(ds, recipe.deepspeed.config),
                                      recipe.training.get("save_total_limit"))]
     with stage("tokenize"):
-        if recipe.task == "sft":
-            trainer = SFTTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                 processing_class=tokenizer, peft_config=peft_config,
-                                 callbacks=[*callbacks, Perplexity()])
+        if recipe.task == "sft":  # tokenized once, into the cache (launcher/tokenized.py), and loaded from there
+            from launcher import tokenized
+
+            trainer = tokenized.trainer_class()(model=model, args=args, train_dataset=train_set,
+                                                eval_dataset=eval_set, processing_class=tokenizer,
+                                                peft_config=peft_config, callbacks=[*callbacks, Perplexity()],
+                                                tokenized_cache=tokenized.cache_dir(recipe), run_dir=run_dir)
         else:
             from launcher import classify
 
             trainer = classify.make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks,
                                             ds_config.training_value(recipe, "max_length"))
-    return Built(trainer, tokenizer, train_set, eval_set, trainable, stopper)
+    return Built(trainer, tokenizer, train_set, eval_set, trainable, stopper, throughput)
 
 
 def training_arguments(recipe, stage: int) -> dict[str, Any]:
@@ -175,8 +181,9 @@ def training_arguments(recipe, stage: int) -> dict[str, Any]:
     checkpointing (trl #2514); TRL's SFTTrainer sets it, but only after TrainingArguments.__post_init__ has copied
     the kwargs to activation_checkpointing_kwargs, which the Trainer reads: so it never took effect. Set here."""
     training = {**recipe.training, "save_total_limit": None}
-    if recipe.task != "sft":  # the HF Trainer counts tokens only when asked (TRL always does): for W&B
-        training.setdefault("include_num_input_tokens_seen", "non_padding")
+    # the HF Trainer counts tokens only when asked: for SFT every position (TRL counts the non-padding ones: the two
+    # give the share of padding), for a head the non-padding ones (its tokens/s)
+    training.setdefault("include_num_input_tokens_seen", "all" if recipe.task == "sft" else "non_padding")
     checkpointing = training.get("activation_checkpointing") or training.get("gradient_checkpointing")
     if recipe.lora and stage == 3 and checkpointing:
         given = training.pop("activation_checkpointing_kwargs", None) or training.pop("gradient_checkpointing_kwargs",
@@ -204,7 +211,7 @@ def train(built: Built, run: pipeline.Run, rank: int, world: int):
                                          run.run_dir)
             tracker = tracking.start(recipe, run.run_dir, config)
             print(f"W&B run {tracker.id} ({recipe.wandb.mode}): {tracker.url or run.run_dir / 'wandb'}", flush=True)
-            trainer.add_callback(tracking.make_callback(tracker, world))
+            trainer.add_callback(tracking.make_callback(tracker))
     trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
     rundir.record_rank(run.run_dir, rank, world, trainer.model_wrapped.config)
     trainer.save_state()  # the loss history, next to the checkpoints
@@ -230,7 +237,9 @@ def finish(built: Built, run: pipeline.Run, tracker, rank: int) -> None:
             shown = [k for k in ("loss", "perplexity", "accuracy", "f1", "mse") if f"eval_{k}" in evals[-1]]
             done += "; last eval: " + ", ".join(f"{k} {evals[-1][f'eval_{k}']:.4g}" for k in shown)
         checkpoint = resolve_checkpoint(run_dir)  # the newest complete one, as consolidation picks it
-        print(f"{done}\nrun directory: {run_dir}\ncheckpoint:    {checkpoint} (ZeRO shards of every rank)", flush=True)
+        speed = built.throughput.summary() if built.throughput else None
+        print("\n".join([done, *([speed] if speed else []), f"run directory: {run_dir}",
+                         f"checkpoint:    {checkpoint} (ZeRO shards of every rank)"]), flush=True)
         if run.recipe.run.consolidate:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

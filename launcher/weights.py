@@ -7,6 +7,7 @@ that one download per cache. `launch` and `submit` say beforehand whether this h
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from launcher.errors import RecipeError
@@ -42,6 +43,8 @@ def describe(recipe) -> str | None:
         return None
     if cached(ref):
         return f"weights: {ref} is in this host's Hugging Face cache"
+    if offline():  # the ranks would fail in fetch, each, after starting: say it once, here
+        raise RecipeError(_unreachable(ref))
     return (f"weights: {ref} is not in this host's Hugging Face cache; each node's ranks download it before they "
             "join (a node-local cache downloads once per node)")
 
@@ -56,6 +59,13 @@ def fetch(recipe) -> None:
     try:
         snapshot_download(ref, allow_patterns=PATTERNS)
     except LocalEntryNotFoundError:  # HF_HUB_OFFLINE, or no network on the compute node
-        raise RecipeError(f"model.name_or_path {ref}: not in this host's Hugging Face cache and the hub cannot be "
-                          "reached (offline); download it first, e.g. `hf download " + ref + "`, into a cache "
-                          "every node reads (HF_HOME)") from None
+        raise RecipeError(_unreachable(ref)) from None
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _unreachable(ref: str) -> str:
+    return (f"model.name_or_path {ref}: not in this host's Hugging Face cache and the hub cannot be reached "
+            f"(offline); download it first, e.g. `hf download {ref}`, into a cache every node reads (HF_HOME)")

@@ -208,28 +208,37 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
                 proc.send_signal(sig)
 
 
-# Injected into every Python process of the run through PYTHONPATH: rank 1 (and only rank 1) fails to load its
-# data, as when a node cannot read the dataset. Test-only: the launcher has no fault-injection switch.
-FAULT = textwrap.dedent('''
-    import os, sys
-    if os.environ.get("RANK") == "1":
-        class _Fault:
-            def find_spec(self, name, path, target=None):
-                if name != "launcher.data":
-                    return None
-                sys.meta_path.remove(self)
-                import importlib.util
-                spec = importlib.util.find_spec(name)
-                run_module = spec.loader.exec_module
-                def exec_module(module):
-                    run_module(module)
-                    def load(*args, **kwargs):
-                        raise OSError("injected: cannot read train.jsonl on this node")
-                    module.load = load
-                spec.loader.exec_module = exec_module
-                return spec
-        sys.meta_path.insert(0, _Fault())
-''')
+def on_import(module: str, patch: str, when: str = "True") -> str:
+    """The source of a sitecustomize.py that, put on PYTHONPATH, runs `patch` (Python code that sees the freshly
+    imported module as `module`) in every process of the run where `when` holds: test-only fault injection, as the
+    launcher has no such switch."""
+    body = textwrap.indent(textwrap.dedent(patch).strip("\n"), " " * 16)
+    return textwrap.dedent('''
+        import os, sys
+        if %s:
+            class _OnImport:
+                def find_spec(self, name, path, target=None):
+                    if name != %r:
+                        return None
+                    sys.meta_path.remove(self)
+                    import importlib.util
+                    spec = importlib.util.find_spec(name)
+                    run_module = spec.loader.exec_module
+                    def exec_module(module):
+                        run_module(module)
+        %s
+                    spec.loader.exec_module = exec_module
+                    return spec
+            sys.meta_path.insert(0, _OnImport())
+    ''') % (when, module, body)
+
+
+# Rank 1 (and only rank 1) fails to load its data, as when a node cannot read the dataset.
+FAULT = on_import("launcher.data", '''
+    def load(*args, **kwargs):
+        raise OSError("injected: cannot read train.jsonl on this node")
+    module.load = load
+''', when='os.environ.get("RANK") == "1"')
 
 
 # --- W&B ----------------------------------------------------------------------------------------------------------

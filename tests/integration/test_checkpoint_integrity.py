@@ -7,42 +7,27 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from launcher import checkpoints
 from launcher.consolidate import consolidate
-from tests.helpers import STEPS, assert_rejected, cli, complete_steps, launch, smoke_recipe
+from tests.helpers import STEPS, assert_rejected, cli, complete_steps, launch, on_import, smoke_recipe
 
 pytestmark = pytest.mark.integration
 
 # Loaded into every rank (sitecustomize on PYTHONPATH): as each save begins, the rank logs the step and whether the
 # checkpoint it is about to write into carries a completion marker. Test-only.
-SPY = textwrap.dedent('''
-    import os, sys
-    class _Spy:
-        def find_spec(self, name, path, target=None):
-            if name != "transformers.trainer":
-                return None
-            sys.meta_path.remove(self)
-            import importlib.util
-            spec = importlib.util.find_spec(name)
-            run_module = spec.loader.exec_module
-            def exec_module(module):
-                run_module(module)
-                save = module.Trainer._save_checkpoint
-                def spied(self, model, trial):
-                    step = self.state.global_step
-                    marker = os.path.join(self.args.output_dir, f"checkpoint-{step}", "complete.json")
-                    with open(os.environ["SAVES_LOG"], "a") as f:
-                        f.write(f"rank {os.environ['RANK']} step {step} marker {os.path.exists(marker)}\\n")
-                    return save(self, model, trial)
-                module.Trainer._save_checkpoint = spied
-            spec.loader.exec_module = exec_module
-            return spec
-    sys.meta_path.insert(0, _Spy())
+SPY = on_import("transformers.trainer", '''
+    save = module.Trainer._save_checkpoint
+    def spied(self, model, trial):
+        step = self.state.global_step
+        marker = os.path.join(self.args.output_dir, f"checkpoint-{step}", "complete.json")
+        with open(os.environ["SAVES_LOG"], "a") as f:
+            f.write(f"rank {os.environ['RANK']} step {step} marker {os.path.exists(marker)}\\n")
+        return save(self, model, trial)
+    module.Trainer._save_checkpoint = spied
 ''')
 
 

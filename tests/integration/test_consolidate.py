@@ -31,11 +31,15 @@ def engine_dump(request, tmp_path_factory):
 
 
 def read_model(directory: Path) -> dict:
+    """The tensors of a written model; each shard (written in parallel) holds exactly what the index maps to it."""
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     tensors = {}
     for shard in sorted(set(index["weight_map"].values())):
-        tensors.update(load_file(str(directory / shard)))
+        found = load_file(str(directory / shard))
+        assert set(found) == {n for n, f in index["weight_map"].items() if f == shard}, shard
+        tensors.update(found)
     assert set(tensors) == set(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
     return tensors
 
 
@@ -56,7 +60,21 @@ def test_bit_exact_against_the_live_engine(engine_dump, tmp_path):
 
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "model", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    loaded = model.state_dict()  # through the index, as a user loads it: every trained tensor, bit for bit
+    for name, tensor in live.items():
+        assert torch.equal(loaded[name], tensor), name
     assert torch.equal(model.lm_head.weight, live["model.embed_tokens.weight"])
+
+
+def test_bf16_output_is_torch_cast_of_the_trained_weights(engine_dump, tmp_path):
+    """The cast happens while copying, a block at a time: the same bytes as casting each whole tensor."""
+    result = cli("consolidate", engine_dump / "ckpt", tmp_path / "model", "--base_model", engine_dump / "base",
+                 "--dtype", "bf16", "--max_shard_size", "20KB")
+    assert result.returncode == 0, result.stderr
+    live, ours = load_file(str(engine_dump / "live.safetensors")), read_model(tmp_path / "model")
+    assert set(ours) == set(live)
+    for name, tensor in live.items():
+        assert ours[name].dtype == torch.bfloat16 and torch.equal(ours[name], tensor.bfloat16()), name
 
 
 def broken(engine_dump: Path, tmp_path: Path, damage) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,9 @@ def test_smoke_recipe_zero3_full_finetune_learns(tmp_path):
     assert_ranks_used_planned_config(run_dir, plan, 2)
     assert plan["deepspeed"]["zero_optimization"]["stage"] == 3
     assert f"run directory: {run_dir}" in result.stdout
+    speed = next(line for line in result.stdout.splitlines() if line.startswith("speed: "))  # no GPU: no MFU
+    assert re.fullmatch(r"speed: [\d,]+ non-padding tokens/s \([\d,]+ per device\), \d+\.\d% of the positions "
+                        r"trained were padding", speed), speed
     assert_final_model_serves(run_dir / "final")
     assert_final_eval_loss_matches(run_dir)
     assert result.stdout.strip().splitlines()[-1] == f"finished: {run_dir / 'final'}"

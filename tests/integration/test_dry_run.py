@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, cli, smoke_recipe
+from tests.helpers import REPO, cli, on_import, smoke_recipe
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +49,25 @@ def test_smoke_recipe_passes(tmp_path, tiny):
     report = assert_passed(dry_run(REPO / "recipes" / "smoke.yaml", tmp_path, tiny=tiny), tmp_path, tiny)
     assert "<|assistant|>«" in report  # the answer after the assistant tag carries the loss
     assert "0% truncated" in report and "STAND-IN" not in report and ("PASS  tiny model" in report) == tiny
+
+
+# An attention path that ignores where position_ids restart (transformers' packed-sequence detection switched off in
+# every process of the dry run): the packed sequences then see each other. Test-only.
+MIXING = on_import("transformers.masking_utils", "module.find_packed_sequence_indices = lambda position_ids: None")
+
+
+@pytest.mark.parametrize("mixing", [False, True], ids=["packed", "packed-and-mixing"])
+def test_packing_is_checked_on_the_built_model(tmp_path, mixing):
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(MIXING if mixing else "")
+    result = cli("train", REPO / "recipes" / "smoke.yaml", "--dry_run", "--training.packing=true",
+                 f"--run.output_dir={tmp_path / 'run'}", env={"PYTHONPATH": str(tmp_path / "hook")})
+    if mixing:
+        assert_failed_at(result, "packing", "packed but", "lets packed sequences see each other",
+                         "training.packing: false")
+        assert result.returncode == 2 and "PASS  train" not in result.stdout  # caught before any training step
+    else:
+        assert "PASS  packing         3 sequences" in assert_passed(result, tmp_path, tiny=False)
 
 
 HEAD_STAGES = ("recipe valid", "dataset", "tokens/example", "labels", "trainable", "train", "memory", "checkpoint",

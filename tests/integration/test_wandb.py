@@ -44,6 +44,7 @@ def test_one_wandb_run_across_a_resume_with_config_history_and_no_secrets(tmp_pa
     history = history_of(recs)
     trained = [h for h in history if "train/loss" in h]
     assert trained and all(h["train/tokens_per_second"] > 0 for h in trained)
+    assert all(0 <= h["train/padding_share"] < 0.5 for h in trained)  # chats of 12 or 13 tokens, padded in batches
     # log_model: the consolidated model went in as an artifact, recorded for `wandb sync`
     artifacts = [r.artifact for r in recs if r.WhichOneof("record_type") == "artifact"]
     assert [a.type for a in artifacts] == ["model"]

@@ -74,6 +74,14 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path
     state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
     assert state["global_step"] == 60
     assert complete_steps(run_dir)[-1] == 60 and (run_dir / "final").is_dir()
+    # tokenized once, by submit before the queue: the job's starts, the requeued one too, loaded it from the cache
+    # (each node's launch before its ranks, then rank 0 for every rank)
+    prepared = [json.loads(line) for line in (run_dir / "tokenized.jsonl").read_text().splitlines()]
+    assert [(p["split"], p["job"]) for p in prepared if not p["from_cache"]] == [("train", None), ("eval", None)]
+    requeued = [(p["split"], p["by"]) for p in prepared if p["restart"] == 1]
+    assert sorted(requeued) == sorted([("train", "preprocess"), ("eval", "preprocess")] * 2
+                                      + [("train", "worker"), ("eval", "worker")]), prepared
+    assert "tokenizing" not in text, "a start of the job tokenized the data again"
 
 
 def test_failure_on_one_node_fails_the_job_quickly(slurm_cluster, tmp_path):

@@ -21,6 +21,7 @@ EXPECTED = {
                "dry_run", "tiny", "**overrides"],
     "submit": ["recipe", "nodes", "gpus_per_node", "partition", "time", "account", "qos", "dry_run", "preflight",
                "tiny", "**overrides"],
+    "preprocess": ["recipe", "**overrides"],
     "train": ["recipe", "dry_run", "tiny", "nproc_per_node", "nnodes", "**overrides"],
     "consolidate": ["checkpoint", "output", "dtype", "max_shard_size", "base_model", "overwrite"],
     "evaluate": ["model_dir", "data", "split", "output", "batch_size", "max_rows", "prompts"],

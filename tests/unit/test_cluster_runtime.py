@@ -11,7 +11,9 @@ import time
 from launcher import jit_ops
 from launcher import recipe as recipes
 from launcher.train import training_arguments
-from tests.helpers import REPO
+from tests.helpers import REPO, cli, smoke_recipe
+
+SMOKE_MODEL = REPO / "recipes" / "smoke" / "model"
 
 
 def test_dependency_floors_are_the_versions_the_suite_ran_on():
@@ -83,6 +85,7 @@ def test_weights_are_fetched_before_joining_unless_cached(tmp_path, monkeypatch)
     from launcher import weights
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online: the ranks download what is missing (offline: the next test)
     fake_hub_cache(tmp_path, "org/full", ["config.json", "model.safetensors.index.json", "model-1.safetensors",
                                           "model-2.safetensors"])
     fake_hub_cache(tmp_path, "org/partial", ["config.json", "model.safetensors.index.json", "model-1.safetensors"])
@@ -98,6 +101,17 @@ def test_weights_are_fetched_before_joining_unless_cached(tmp_path, monkeypatch)
     assert "*.safetensors" in fetched[0][1]["allow_patterns"] and "*.bin" not in fetched[0][1]["allow_patterns"]
     recipe.model.name_or_path = str(REPO / "recipes/smoke/model")
     assert weights.describe(recipe) is None  # a local model: nothing to fetch
+
+
+def test_offline_launch_refuses_uncached_weights_before_any_rank_starts(tmp_path):
+    """HF_HUB_OFFLINE (set for every test) and a hub model this host's cache lacks: one line, exit 2, no rank."""
+    recipe = smoke_recipe(tmp_path, model={"name_or_path": "org/not-downloaded", "tokenizer": str(SMOKE_MODEL),
+                                           "config": str(SMOKE_MODEL / "config.json")})
+    result = cli("launch", recipe, "--nproc_per_node", 2, env={"HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "model.name_or_path org/not-downloaded: not in this host's Hugging Face cache" in result.stderr
+    assert "hf download org/not-downloaded" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "ranks").exists() and "weights:" not in result.stdout
 
 
 def test_the_worker_fetches_the_weights_before_it_joins_the_process_group(tmp_path, monkeypatch, capsys):

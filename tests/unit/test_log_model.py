@@ -19,7 +19,7 @@ def test_the_worker_uploads_only_the_final_model_it_consolidated(tmp_path, monke
     monkeypatch.setattr(train.tracking, "log_model", lambda run, model_dir, name: uploads.append(model_dir))
     monkeypatch.setattr("launcher.consolidate.consolidate", lambda *args, **kwargs: merged.append(args))
     monkeypatch.setattr("transformers.integrations.deepspeed.unset_hf_deepspeed_config", lambda: None)
-    built = SimpleNamespace(stopper=None, trainer=SimpleNamespace(state=SimpleNamespace(log_history=[],
+    built = SimpleNamespace(stopper=None, throughput=None, trainer=SimpleNamespace(state=SimpleNamespace(log_history=[],
                                                                                           global_step=9)))
     recipe = SimpleNamespace(run=SimpleNamespace(consolidate=consolidate, name="demo"),
                              wandb=SimpleNamespace(log_model=True))

@@ -63,7 +63,7 @@ def test_model_flops_counts_what_trains_and_unpacks_4bit():
     assert tracking.model_flops(Tiny(), 100) == 48 + 320 + 19_200
 
 
-def test_rate_and_mfu_leave_out_evaluation_and_saving(monkeypatch):
+def test_rate_padding_and_mfu_leave_out_evaluation_and_saving(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 PCIe")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: SimpleNamespace(multi_processor_count=114))
@@ -71,17 +71,29 @@ def test_rate_and_mfu_leave_out_evaluation_and_saving(monkeypatch):
     monkeypatch.setattr(tracking.time, "monotonic", lambda: next(clock))
     logged = []
     run = SimpleNamespace(log=logged.append, summary={})
-    tracker = tracking.make_callback(run, 2)
-    args, state, control = SimpleNamespace(bf16=True, fp16=False, max_length=100), SimpleNamespace(global_step=1), None
-    tracker.on_train_begin(args, state, control, model=Tiny())  # t 0
-    tracker.on_step_end(args, state, control)  # t 10: 10,000 tokens trained
-    tracker.on_log(args, state, control, logs={"loss": 1.0, "num_tokens": 10_000})  # t 10
-    tracker.on_log(args, state, control, logs={"eval_loss": 1.0, "num_input_tokens_seen": 10_000})  # reads no clock
-    tracker.on_evaluate(args, state, control)  # t 40: 30 s of evaluation
-    tracker.on_save(args, state, control)  # t 50: 10 s of saving
-    tracker.on_step_end(args, state, control)  # t 60: 10 s of training, 10,000 more tokens
-    tracker.on_log(args, state, control, logs={"loss": 0.9, "num_tokens": 20_000})  # t 60
+    speed, tracker = tracking.make_throughput(2), tracking.make_callback(run)
+
+    def log(logs):  # as the trainer's callback handler does: one dict, to each callback in order
+        for callback in (speed, tracker):
+            callback.on_log(args, state, control, logs=logs)
+
+    args, control = SimpleNamespace(bf16=True, fp16=False, max_length=100), None
+    state = SimpleNamespace(global_step=1, num_input_tokens_seen=0)
+    speed.on_train_begin(args, state, control, model=Tiny())  # t 0
+    speed.on_step_end(args, state, control)  # t 10: 10,000 tokens trained, in 16,000 positions
+    log({"loss": 1.0, "num_tokens": 10_000, "num_input_tokens_seen": 16_000})  # t 10
+    log({"eval_loss": 1.0, "num_input_tokens_seen": 16_000})  # reads no clock
+    speed.on_evaluate(args, state, control)  # t 40: 30 s of evaluation
+    speed.on_save(args, state, control)  # t 50: 10 s of saving
+    speed.on_step_end(args, state, control)  # t 60: 10 s of training, 10,000 more tokens in 12,500 positions
+    log({"loss": 0.9, "num_tokens": 20_000, "num_input_tokens_seen": 28_500})  # t 60
+    log({"train_loss": 0.95, "train_runtime": 60.0, "num_input_tokens_seen": 28_500})  # the closing totals
     train = [entry for entry in logged if "train/tokens_per_second" in entry]
     assert [entry["train/tokens_per_second"] for entry in train] == [1000.0, 1000.0]  # not 10,000 / 50 s
     assert not any("eval/tokens_per_second" in entry for entry in logged)
     assert train[1]["train/mfu"] == pytest.approx(19_568 * 1000 / (756e12 * 2))
+    assert train[1]["train/padding_share"] == pytest.approx(0.2)  # 2,500 of 12,500
+    assert train[0]["train/padding_share"] == pytest.approx(0.375)  # 6,000 of 16,000
+    # the end-of-run line: 20,000 tokens in 20 s of training, 8,500 of 28,500 positions padding
+    assert speed.summary() == ("speed: 1,000 non-padding tokens/s (500 per device), 29.8% of the positions "
+                               f"trained were padding, MFU {19_568 * 1000 / (756e12 * 2):.1%} (NVIDIA H100 PCIe)")
