@@ -34,3 +34,4 @@ lint: setup
 
 bench: setup
 	$(PY) bench/consolidate.py
+	$(PY) bench/train_speed.py

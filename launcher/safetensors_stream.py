@@ -95,6 +95,8 @@ def _write_shards(jobs: list, reader: dict, dtype: str, after_each, workers: int
             after_each()
 
     def write(path: Path, shard: list) -> int:
+        if stop.is_set():  # a shard that starts after a failure reads nothing
+            raise _Stopped
         try:
             return _write_shard(path, shard, reader, dtype, check)
         except _Stopped:
