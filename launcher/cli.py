@@ -223,9 +223,9 @@ def consolidate(checkpoint: str, output: str, dtype: str | None = None, max_shar
 def evaluate(model_dir: str, data: str, split: str = "train", output: str | None = None, batch_size: int = 32,
              max_rows: int | None = None, prompts: int = 3) -> None:
     """Metrics of a consolidated model (MODEL_DIR, e.g. <run dir>/final) on --data FILE (or a hub id, --split):
-    classifiers: loss, accuracy, macro precision/recall/F1 (regression: MSE, MAE); language models: loss and
-    perplexity, and greedy answers to --prompts of the rows. Printed, and written as JSON (--output; default
-    MODEL_DIR/metrics-<data name>.json)."""
+    classifiers: loss, accuracy, macro precision/recall/F1 (regression: MSE, MAE); language models: loss,
+    perplexity, and greedy answers to every row scored against its reference (exact match, token F1), --prompts of
+    them shown. Printed, and written as JSON (--output; default MODEL_DIR/metrics-<data name>.json)."""
     from launcher import evaluate as evaluation
 
     evaluation.evaluate(str(model_dir), str(data), str(split), output, int(batch_size), max_rows, int(prompts))

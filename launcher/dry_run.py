@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from launcher import checkpoints, ds_config, modeling, packing, pipeline, preflight, rundir, tiny
+from launcher import assets, checkpoints, ds_config, modeling, packing, pipeline, preflight, rundir, tiny
 from launcher import recipe as recipes
 from launcher import train as worker
 from launcher.dry_run_report import (
@@ -136,6 +136,9 @@ def build(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, repor
         if tokenizer_note:
             report.note(tokenizer_note)
 
+    for note in stand_in_data(dry):
+        report.note(note)
+
     import datasets
     import transformers
 
@@ -167,6 +170,28 @@ def build(recipe_path: str, overrides: dict, use_tiny: bool, ranks: tuple, repor
         with report.stage("packing"):
             inspect_packing(report, dry, built)
     return built, planned, dry, run_dir
+
+
+# Hub datasets with an offline stand-in: a sample of the same shape (columns, turns, lengths), package data.
+STAND_IN_DATA = {"HuggingFaceH4/ultrachat_200k": "ultrachat_sample.jsonl"}
+
+
+def stand_in_data(dry) -> list[str]:
+    """A hub dataset that is not in this machine's hub cache is read from its shipped stand-in sample, as the tokenizer
+    is (launcher/tiny.py): a dry run checks the pipeline, not the rows, and must not wait on the network."""
+    from huggingface_hub import constants
+
+    notes = []
+    for kind, specs in (("train", dry.data.train), ("eval", dry.data.eval)):
+        for i, spec in enumerate(specs):
+            cached = Path(constants.HF_HUB_CACHE) / f"datasets--{spec.path.replace('/', '--')}"
+            if spec.path not in STAND_IN_DATA or Path(spec.path).expanduser().exists() or cached.is_dir():
+                continue
+            sample = assets.stand_ins() / STAND_IN_DATA[spec.path]
+            notes.append(f"STAND-IN data for data.{kind}.{i} ({spec.path}, split {spec.split}, not on this machine): "
+                         f"recipes/stand-ins/{sample.name}, a sample of its shape; the real run reads the hub's")
+            spec.path, spec.split, spec.subset = str(sample), "train", None
+    return notes
 
 
 # The training arguments the dry run changes (besides the CPU fallbacks, which it reports one by one): a few steps,

@@ -1,6 +1,7 @@
 """`launcher evaluate MODEL_DIR --data FILE`: a consolidated model's metrics on a data file (see cli.evaluate), and
-for SFT models the answers it generates for a few prompts, so a person can see what it does. Classifier labels go
-by the names kept in the model's id2label, or by id. A causal LM's loss is the mean per predicted token, over the
+for SFT models the answers it generates to every row's prompt, scored against the references (exact match, token
+F1), a few shown so a person can see what it does. Classifier labels go by the names kept in the model's id2label,
+or by id. A causal LM's loss is the mean per predicted token, over the
 tokens a trainer learns by default: the assistant's turns where the chat template marks them ({% generation %}),
 else the whole conversation; the completion of prompt/completion rows; all of a text row.
 """
@@ -11,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from launcher import classify
+from launcher import answers, classify
 from launcher.data import load_one
 from launcher.errors import RecipeError
 from launcher.modeling import auto_class_for, is_classifier
@@ -95,9 +96,11 @@ def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], ba
 
 
 def _lm_metrics(model, tokenizer, rows, prompts: int, max_new_tokens: int, batch_size: int) -> dict:
-    """Loss and perplexity over the scored tokens, then greedy answers to the first rows' prompts (conversations
-    without their last assistant turn), batch_size rows at a time."""
+    """Loss and perplexity over the scored tokens; then greedy answers to every row's prompt (a conversation without
+    its last assistant turn, or a prompt/completion row's prompt), scored against the references (launcher/answers.py);
+    the first `prompts` are shown. One progress bar covers both passes."""
     import torch
+    from tqdm.auto import tqdm
 
     marked = bool(GENERATION_MARKERS.search(tokenizer.chat_template or ""))
     # conversational prompt/completion rows (lists of turns) are one conversation
@@ -105,31 +108,30 @@ def _lm_metrics(model, tokenizer, rows, prompts: int, max_new_tokens: int, batch
     scored = [(ids, mask) for ids, mask in (_scored(tokenizer, row, marked) for row in rows) if sum(mask[1:])]
     if not scored:
         raise RecipeError("--data: no row has a token to score (empty completions, or a template that marks none)")
+    asked = [p for p in (_prompt(tokenizer, row) for row in rows) if p]
+    batches = -(-len(scored) // batch_size) + -(-len(asked) // batch_size)
     total, count, pad = 0.0, 0, tokenizer.pad_token_id
-    for start in range(0, len(scored), batch_size):
-        batch = scored[start : start + batch_size]
-        width = max(len(ids) for ids, _ in batch)  # right padding: the real tokens keep their positions
-        ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch], device=model.device)
-        attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch], device=model.device)
-        labels = torch.tensor([[t if m else -100 for t, m in zip(i[1:], m[1:], strict=True)] + [-100] * (width - len(i))
-                               for i, m in batch], device=model.device)  # -100: context and padding, not scored
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-        for row_logits, row_labels in zip(logits, labels, strict=True):  # one row's fp32 logits at a time
-            total += torch.nn.functional.cross_entropy(row_logits.float(), row_labels, reduction="sum").item()
-        count += int((labels != -100).sum())
-    asked = [p for p in (_prompt(tokenizer, row) for row in rows[: max(prompts, 0)]) if p]
-    tokenizer.padding_side = "left"  # generation continues every row from the batch's last position
-    samples = []
-    for start in range(0, len(asked), batch_size):
-        batch = asked[start : start + batch_size]
-        encoded = tokenizer.pad({"input_ids": [ids for ids, _, _ in batch]}, return_tensors="pt").to(model.device)
-        generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-        width = encoded["input_ids"].shape[1]
-        samples += [{"prompt": prompt, "reference": reference,
-                     "generated": tokenizer.decode(out[width:], skip_special_tokens=True)}
-                    for out, (_, prompt, reference) in zip(generated, batch, strict=True)]
+    with tqdm(total=batches, desc="evaluating", unit="batch", leave=False) as bar:
+        for start in range(0, len(scored), batch_size):
+            batch = scored[start : start + batch_size]
+            width = max(len(ids) for ids, _ in batch)  # right padding: the real tokens keep their positions
+            ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch], device=model.device)
+            attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch], device=model.device)
+            labels = torch.tensor([[t if m else -100 for t, m in zip(i[1:], m[1:], strict=True)]
+                                   + [-100] * (width - len(i)) for i, m in batch], device=model.device)
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]  # -100: context, padding
+            for row_logits, row_labels in zip(logits, labels, strict=True):  # one row's fp32 logits at a time
+                total += torch.nn.functional.cross_entropy(row_logits.float(), row_labels, reduction="sum").item()
+            count += int((labels != -100).sum())
+            bar.update()
+        generated = answers.generate(model, tokenizer, [ids for ids, _, _ in asked], batch_size, max_new_tokens,
+                                     bar.update)
+    samples = [{"prompt": prompt, "reference": reference, "generated": text}
+               for (_, prompt, reference), text in zip(asked, generated, strict=True)]
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "samples": samples}
+    scores = answers.scores([(s["generated"], s["reference"]) for s in samples])
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, **scores,
+            "samples": samples[: max(prompts, 0)]}
 
 
 def _scored(tokenizer, row: dict, marked: bool) -> tuple[list[int], list[int]]:

@@ -137,7 +137,8 @@ class SlurmSection:
 
 @dataclass
 class WandbSection:
-    project: str = doc("W&B project.")
+    project: str | None = doc("W&B project; default: $WANDB_PROJECT, else wandb.group (a sweep's name), else "
+                              "run.name.", default=None)
     entity: str | None = doc("Team or user; default: your W&B default.", default=None)
     name: str | None = doc("Run name; default: run.name plus the Slurm job id or a timestamp.", default=None)
     group: str | None = doc("Group runs together (sweeps, ablations).", default=None)

@@ -94,11 +94,12 @@ def start(recipe: Recipe, run_dir: Path, config: dict):
     w, record, job = recipe.wandb, run_dir / "wandb.json", os.environ.get("SLURM_JOB_ID")
     stored = json.loads(record.read_text()) if record.is_file() else {}
     name = stored.get("name") or w.name or f"{recipe.run.name}-{job or time.strftime('%Y%m%d-%H%M%S')}"
-    run = wandb.init(project=w.project, entity=w.entity, name=name, group=w.group, tags=w.tags, notes=w.notes,
+    project = w.project or stored.get("project") or os.environ.get("WANDB_PROJECT") or w.group or recipe.run.name
+    run = wandb.init(project=project, entity=w.entity, name=name, group=w.group, tags=w.tags, notes=w.notes,
                      mode=w.mode, dir=str(run_dir), id=stored.get("id") or uuid.uuid4().hex[:8], resume="allow",
                      config=config)
     run.define_metric("*", step_metric="train/global_step", step_sync=True)
-    write_atomic(record, json.dumps({"id": run.id, "name": run.name, "project": w.project, "entity": w.entity,
+    write_atomic(record, json.dumps({"id": run.id, "name": run.name, "project": project, "entity": w.entity,
                                      "mode": w.mode, "url": run.url}, indent=2) + "\n")
     return run
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -39,6 +40,7 @@ from launcher.errors import EXIT_BAD_INPUT, RecipeError
 
 def run(recipe_path: str, overrides: dict) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes, noise to users
+    logging.getLogger("transformers.trainer").addFilter(drop_zero_to_fp32_advice)
     if (devices := topology.visible_devices(dict(os.environ))) is not None:  # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
     rank, world = distributed_env()
@@ -251,6 +253,12 @@ def finish(built: Built, run: pipeline.Run, tracker, rank: int) -> None:
             tracking.log_model(tracker, run_dir / "final", run.recipe.run.name)
     if tracker:
         tracker.finish()
+
+
+def drop_zero_to_fp32_advice(record: logging.LogRecord) -> bool:
+    """The HF Trainer tells every rank at every ZeRO-3 save to recover the weights with zero_to_fp32.py; the launcher
+    consolidates them itself (finish, `launcher consolidate`), so the advice misleads."""
+    return "use zero_to_fp32.py to recover weights" not in record.getMessage()
 
 
 def distributed_env() -> tuple[int, int]:

@@ -54,6 +54,7 @@ def test_smoke_recipe_zero3_full_finetune_learns(tmp_path):
     assert_ranks_used_planned_config(run_dir, plan, 2)
     assert plan["deepspeed"]["zero_optimization"]["stage"] == 3
     assert f"run directory: {run_dir}" in result.stdout
+    assert "zero_to_fp32" not in result.stdout + result.stderr  # the launcher consolidates: no advice to
     speed = next(line for line in result.stdout.splitlines() if line.startswith("speed: "))  # no GPU: no MFU
     assert re.fullmatch(r"speed: [\d,]+ non-padding tokens/s \([\d,]+ per device\), \d+\.\d% of the positions "
                         r"trained were padding", speed), speed
@@ -75,6 +76,8 @@ def assert_evaluate_reports(final: Path, first_loss: float) -> None:
     assert metrics["rows"] == 64 and metrics["loss"] < first_loss / 2
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
     assert len(metrics["samples"]) == 3
+    assert metrics["answered"] == 64 and 0 <= metrics["exact_match"] <= metrics["f1"] <= 1  # every row answered
+    assert "exact_match" in result.stdout
     for sample in metrics["samples"]:
         assert sample["generated"].strip().isdigit(), sample
         assert f"generated: {sample['generated']}" in result.stdout

@@ -22,7 +22,7 @@ def config_of(recs: list) -> dict:
 
 
 def test_one_wandb_run_across_a_resume_with_config_history_and_no_secrets(tmp_path):
-    wandb = {"project": "launcher-tests", "mode": "offline", "tags": ["ci"], "log_model": True}
+    wandb = {"mode": "offline", "tags": ["ci"], "log_model": True}  # no project: it defaults to run.name
     recipe = smoke_recipe(tmp_path, training=STEPS, wandb=wandb)
     run_dir = tmp_path / "run"
     k = kill_after_first_checkpoint(recipe, run_dir, env=SECRETS)
@@ -31,7 +31,7 @@ def test_one_wandb_run_across_a_resume_with_config_history_and_no_secrets(tmp_pa
 
     # one W&B run: every start of the job (2 here) wrote one offline segment, all with the same id; no other rank
     stored = json.loads((run_dir / "wandb.json").read_text())
-    assert stored["id"] == first_id and stored["mode"] == "offline"
+    assert stored["id"] == first_id and stored["mode"] == "offline" and stored["project"] == "smoke"
     segments = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(segments) == 2 and all(s.name.endswith(f"-{first_id}") for s in segments)
     assert f"W&B run {first_id}" in result.stdout

@@ -64,7 +64,9 @@ def test_a_bf16_model_is_evaluated_in_bf16_and_in_batches(tmp_path, monkeypatch)
                                                max_new_tokens=4, batch_size=batch, output=str(tmp_path / out))
     batched = run("batched.json", 4)
     assert batched["dtype"] == "bfloat16" and batched["device"] == "cpu"
-    assert widths[:2] == [4, 2] and set(widths[2:]) == {4}, widths  # loss: 6 rows as 4 + 2; generation: 4 prompts
+    # loss: 6 rows as 4 + 2; generation: every row's prompt, as 4 + 2 again (each batch one forward per new token)
+    assert widths[:3] == [4, 2, 4] and widths[-1] == 2 and set(widths) == {4, 2}, widths
+    assert batched["answered"] == 6 and len(batched["samples"]) == 4
     widths.clear()
     single = run("single.json", 1)
     assert set(widths) == {1}

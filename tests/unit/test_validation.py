@@ -149,6 +149,13 @@ def test_online_wandb_without_a_key_is_refused_before_launch(recipe_factory, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_wandb_offline_alone_needs_no_project(recipe_factory):
+    """`--wandb.mode=offline` on its own is a complete W&B section: the project has a default (tracking.start)."""
+    result = cli("plan", recipe_factory(), "--wandb.mode=offline")
+    assert result.returncode == 0, result.stderr
+    assert "mode: offline" in result.stdout
+
+
 def test_report_to_wandb_is_left_to_the_wandb_section(recipe_factory):
     assert_rejected(cli("plan", recipe_factory(training={"report_to": ["wandb"]})), "training.report_to",
                     "wandb section")
