@@ -19,11 +19,11 @@ import json
 import sys
 
 MODEL = "recipes/smoke/model"
-DATA = "recipes/smoke/data/train.jsonl"
-EVAL_FRACTION, SEED = 0.05, 0
+DATA, EVAL = "recipes/smoke/data/train.jsonl", "recipes/smoke/data/heldout.jsonl"
+SEED = 0
 TRAINING = {  # recipes/smoke.yaml's training section, plus what the launcher derives for 2 ranks (global batch 32)
-    "max_steps": 150, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 3.0e-3,
-    "lr_scheduler_type": "cosine", "warmup_steps": 10, "max_length": 64, "assistant_only_loss": True,
+    "max_steps": 300, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 3.0e-3,
+    "lr_scheduler_type": "cosine", "warmup_steps": 50, "max_length": 64, "assistant_only_loss": True,
     "bf16": False, "fp16": False, "gradient_checkpointing": False, "logging_steps": 10, "eval_strategy": "steps",
     "eval_steps": 50, "save_steps": 75, "save_total_limit": 2, "seed": SEED,
 }
@@ -39,8 +39,7 @@ def main(output_dir: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    split = datasets.load_dataset("json", data_files=DATA, split="train").train_test_split(test_size=EVAL_FRACTION,
-                                                                                            seed=SEED)
+    train, held_out = (datasets.load_dataset("json", data_files=path, split="train") for path in (DATA, EVAL))
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     args = SFTConfig(output_dir=output_dir, deepspeed=DEEPSPEED, use_cpu=not torch.cuda.is_available(), **TRAINING)
     world = args.world_size  # joins the process group (gloo on CPU)
@@ -49,7 +48,7 @@ def main(output_dir: str) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed()  # before the model: zero.Init must see all the ranks
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer)
     trainer.train()
     trainer.save_state()

@@ -23,20 +23,8 @@ from launcher.schema import DatasetSpec
 def evaluate(model_dir: str, data: str, split: str = "train", output: str | None = None, batch_size: int = 32,
              max_rows: int | None = None, prompts: int = 3, max_new_tokens: int = 48) -> dict:
     directory = Path(model_dir)
-    path = directory / "config.json"
-    if not path.is_file():
-        raise RecipeError(f"{directory}: no config.json: not a model directory (give `launcher consolidate`'s "
-                          "output, e.g. <run dir>/final)")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as err:
-        raise RecipeError(f"{path}: not valid JSON ({err})") from None
-    if not config.get("architectures"):
-        raise RecipeError(f"{path}: names no architecture; cannot tell a classifier from a language model")
+    config = read_config(directory)
     classifier = is_classifier(config)
-    task = ("regression" if config.get("problem_type") == "regression" or config.get("num_labels") == 1
-            else "classification") if classifier else "sft"
-    labels = [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))] if classifier else []
     local = Path(data).expanduser()
     if not local.exists() and (local.suffix or data.count("/") != 1):  # nor a hub id (owner/name)
         raise RecipeError(f"command line: --data '{data}' does not exist")
@@ -44,12 +32,21 @@ def evaluate(model_dir: str, data: str, split: str = "train", output: str | None
 
     datasets.disable_progress_bars()  # a bad row's one line must be the only thing said
     spec = DatasetSpec(path=str(local.absolute()) if local.exists() else data, split=split)
-    rows = load_one(spec, "command line", "--data", task, labels)
+    rows = load_one(spec, "command line", "--data", task_of(config), labels_of(config) if classifier else [])
     if max_rows:
         rows = rows.select(range(min(max_rows, len(rows))))
+    out = Path(output) if output else directory / f"metrics-{Path(data).stem}.json"
+    return evaluate_rows(directory, config, rows, str(data), out, batch_size, prompts, max_new_tokens)
+
+
+def evaluate_rows(directory: Path, config: dict, rows, data: str, out: Path, batch_size: int = 32, prompts: int = 3,
+                  max_new_tokens: int = 48) -> dict:
+    """The metrics of the model in DIRECTORY on ROWS (loaded rows), printed and written to OUT as JSON; also what a
+    run's end scores its eval rows with (train.finish, run.score_answers)."""
     import torch
     from transformers import AutoTokenizer
 
+    classifier, task = is_classifier(config), task_of(config)
     device, dtype = device_and_dtype(config, torch.cuda.is_available())
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -61,14 +58,38 @@ def evaluate(model_dir: str, data: str, split: str = "train", output: str | None
     print(f"evaluating {directory} ({config['architectures'][0]}, {dtype} on {device}) on {data}: {len(rows)} rows",
           flush=True)
     with torch.no_grad():
-        metrics = (_classifier_metrics(model, tokenizer, rows, task, labels, batch_size) if classifier else
-                   _lm_metrics(model, tokenizer, rows, prompts, max_new_tokens, batch_size))
-    result = {"model": str(directory.absolute()), "data": str(data), "rows": len(rows), "task": task,
+        metrics = (_classifier_metrics(model, tokenizer, rows, task, labels_of(config), batch_size) if classifier
+                   else _lm_metrics(model, tokenizer, rows, prompts, max_new_tokens, batch_size))
+    result = {"model": str(directory.absolute()), "data": data, "rows": len(rows), "task": task,
               "device": device, "dtype": dtype, **metrics}
-    out = Path(output) if output else directory / f"metrics-{Path(data).stem}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(render(result) + f"\nwritten: {out}", flush=True)
     return result
+
+
+def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise RecipeError(f"{directory}: no config.json: not a model directory (give `launcher consolidate`'s "
+                          "output, e.g. <run dir>/final)")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as err:
+        raise RecipeError(f"{path}: not valid JSON ({err})") from None
+    if not config.get("architectures"):
+        raise RecipeError(f"{path}: names no architecture; cannot tell a classifier from a language model")
+    return config
+
+
+def task_of(config: dict) -> str:
+    if not is_classifier(config):
+        return "sft"
+    return "regression" if config.get("problem_type") == "regression" or config.get("num_labels") == 1 else \
+        "classification"
+
+
+def labels_of(config: dict) -> list[str]:
+    return [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
 
 
 def device_and_dtype(config: dict, cuda: bool) -> tuple[str, str]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import yaml
+
+from launcher import curves
 
 HOW = {"sft": "with supervised fine-tuning (TRL SFTTrainer, DeepSpeed ZeRO)",
        "classification": "as a sequence classifier (a new head, HF Trainer, DeepSpeed ZeRO)",
@@ -30,6 +33,10 @@ def write(out: Path, checkpoint: Path, steps: int | None) -> None:
         value = next((e[key] for e in reversed(state.get("log_history", [])) if key in e), None)
         if value is not None:
             lines.append(f"- final {key.replace('_', ' ')}: {value:.4f}")
+    plot = checkpoint.parent.parent / curves.FILE  # the run directory's, written when training ended
+    if plot.is_file():
+        shutil.copyfile(plot, out / curves.FILE)
+        lines += ["", f"![training and eval curves]({curves.FILE})"]
     if recipe:
         lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```"]
     (out / "README.md").write_text("\n".join(lines) + "\n")

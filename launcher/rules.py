@@ -123,6 +123,14 @@ def check_task(recipe: Recipe, where: str) -> None:
         fail(where, "head", "labels and class_weights are for classification; regression predicts one number")
     if recipe.freeze and recipe.lora:
         fail(where, "freeze", "and lora both choose what trains: LoRA already freezes the base model; remove one")
+    if recipe.run.score_answers:
+        if task != "sft":
+            fail(where, "run.score_answers", f"scores generated answers; task {task} predicts labels, which its "
+                 "evaluation already scores: remove it")
+        if not recipe.data.eval and not recipe.data.eval_fraction:
+            fail(where, "run.score_answers", "needs eval rows to answer: give data.eval or data.eval_fraction")
+        if not recipe.run.consolidate:
+            fail(where, "run.score_answers", "answers with the consolidated model: it needs run.consolidate: true")
 
 
 def check_speed_options(recipe: Recipe, config: dict | None, stage: int, where: str) -> None:

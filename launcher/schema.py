@@ -42,6 +42,11 @@ class RunSection:
                                         POSITIVE, default=None)
     consolidate: bool = doc("When training ends, merge the last checkpoint into <run dir>/final (a HF model).",
                             default=True, identity=False)
+    score_answers: int = doc("When training ends, the consolidated model answers the first N eval rows (greedy, "
+                             "batched, as `launcher evaluate` does) and the answers are scored against the "
+                             "references: exact match and token F1, printed with three examples and written to "
+                             "final/metrics-eval.json. SFT only, with an eval set; 0: off.", NON_NEGATIVE, default=0,
+                             identity=False)
     resume: str = doc("For the first start only: auto continues from the run directory's newest complete checkpoint; "
                       "never refuses a run directory that holds checkpoints; or the path of a checkpoint to start "
                       "from. Once the run has checkpoints of its own (a requeue, a resubmit), it continues from its "

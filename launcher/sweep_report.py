@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher import checkpoints, slurm
+from launcher import checkpoints, curves, slurm
 from launcher.errors import RecipeError
 from launcher.sweep_space import short
 
@@ -41,7 +41,7 @@ def status(entry: dict[str, Any], run_dir: Path, state: dict[str, Any]) -> str:
 def report(where: str, metric: str | None = None) -> dict[str, Any]:
     """The variants, best first by `metric`; those without it (failed, not run) last, in sweep order."""
     directory, data = load_manifest(where)
-    rows = []
+    rows, histories = [], {}
     for entry in data["variants"]:
         run_dir = Path(entry["run_dir"])
         if not run_dir.exists() and (directory / entry["name"]).exists():  # the sweep was moved or copied here
@@ -51,6 +51,7 @@ def report(where: str, metric: str | None = None) -> dict[str, Any]:
             with contextlib.suppress(OSError, ValueError):
                 state = json.loads((saved / "trainer_state.json").read_text()) or {}
                 break
+        histories[entry["name"]] = state.get("log_history", [])
         # each logged key's last value (loss, eval_loss, train_loss, ...)
         values = {k: v for e in state.get("log_history", []) for k, v in e.items()
                   if isinstance(v, (int, float)) and k not in ("step", "epoch")}
@@ -70,7 +71,8 @@ def report(where: str, metric: str | None = None) -> dict[str, Any]:
     for row in rows:
         row["metric"] = row.pop("values").get(metric)
     return {"sweep": str(directory), "name": data.get("name"), "metric": metric,
-            "better": "lower" if lower else "higher", "variants": [*ranked, *(r for r in rows if "rank" not in r)]}
+            "better": "lower" if lower else "higher", "variants": [*ranked, *(r for r in rows if "rank" not in r)],
+            "curves": curves.compare(histories, metric, directory / curves.FILE)}
 
 
 def render_report(result: dict[str, Any]) -> str:
@@ -85,4 +87,4 @@ def render_report(result: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in lines]
     title = f"sweep {result['sweep']}: {len(variants)} variants, ranked by {metric} ({result['better']} is better)"
-    return "\n".join([title, *table])
+    return "\n".join([title, *table, result["curves"]])

@@ -21,6 +21,7 @@ from typing import Any
 
 from launcher import (
     checkpoints,
+    curves,
     data,
     ds_config,
     jit_ops,
@@ -231,17 +232,10 @@ def finish(built: Built, run: pipeline.Run, tracker, rank: int) -> None:
         print(f"stopped at step {stopper.stopped_at} on request, with a complete checkpoint; the same command "
               "continues the run", flush=True)
     else:
-        history, done = built.trainer.state.log_history, f"done: {built.trainer.state.global_step} steps"
-        losses, evals = [e["loss"] for e in history if "loss" in e], [e for e in history if "eval_loss" in e]
-        if losses:
-            done += f", training loss {losses[0]:.3f} -> {losses[-1]:.3f}"
-        if evals:
-            shown = [k for k in ("loss", "perplexity", "accuracy", "f1", "mse") if f"eval_{k}" in evals[-1]]
-            done += "; last eval: " + ", ".join(f"{k} {evals[-1][f'eval_{k}']:.4g}" for k in shown)
+        history = built.trainer.state.log_history
+        plotted = curves.write(history, run_dir / curves.FILE, run.recipe.run.name)  # before the model card
         checkpoint = resolve_checkpoint(run_dir)  # the newest complete one, as consolidation picks it
-        speed = built.throughput.summary() if built.throughput else None
-        print("\n".join([done, *([speed] if speed else []), f"run directory: {run_dir}",
-                         f"checkpoint:    {checkpoint} (ZeRO shards of every rank)"]), flush=True)
+        scored = None
         if run.recipe.run.consolidate:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -249,10 +243,47 @@ def finish(built: Built, run: pipeline.Run, tracker, rank: int) -> None:
 
             unset_hf_deepspeed_config()  # else building the model to merge into would start a ZeRO-3 partition
             consolidate(str(run_dir), str(run_dir / "final"), overwrite=True)  # its newest complete checkpoint
+            if run.recipe.run.score_answers and built.eval_set is not None:
+                scored = score_answers(run_dir / "final", built.eval_set, run.recipe.run.score_answers)
+        print(summary(built, run, checkpoint, scored, plotted), flush=True)
         if tracker and run.recipe.wandb.log_model and run.recipe.run.consolidate:  # a final/ this call wrote
             tracking.log_model(tracker, run_dir / "final", run.recipe.run.name)
     if tracker:
         tracker.finish()
+
+
+def score_answers(final: Path, eval_set, rows: int) -> dict:
+    """The consolidated model answers the first ROWS eval rows, as `launcher evaluate` would; rank 0 alone, once."""
+    from launcher import evaluate
+
+    shown = eval_set.select(range(min(rows, len(eval_set))))
+    return evaluate.evaluate_rows(final, evaluate.read_config(final), shown, f"the first {len(shown)} eval rows",
+                                  final / "metrics-eval.json")
+
+
+def summary(built: Built, run: pipeline.Run, checkpoint: Path, scored: dict | None, plotted: str) -> str:
+    """The run's closing lines: steps, time, losses, speed, the answers' scores, and where everything is."""
+    history, run_dir = built.trainer.state.log_history, run.run_dir
+    done = f"done: {built.trainer.state.global_step} steps"
+    if runtime := next((e["train_runtime"] for e in reversed(history) if "train_runtime" in e), None):
+        done += f" in {runtime:.0f} s"
+    losses, evals = [e["loss"] for e in history if "loss" in e], [e for e in history if "eval_loss" in e]
+    if losses:
+        done += f", training loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+    if evals:
+        shown = [k for k in ("loss", "perplexity", "accuracy", "f1", "mse") if f"eval_{k}" in evals[-1]]
+        done += "; last eval: " + ", ".join(f"{k} {evals[-1][f'eval_{k}']:.4g}" for k in shown)
+    lines = [done]
+    if speed := built.throughput.summary() if built.throughput else None:
+        lines.append(speed)
+    if scored:
+        lines.append(f"answers: exact match {scored['exact_match']:.3f}, token F1 {scored['f1']:.3f} on "
+                     f"{scored['answered']} eval rows ({run_dir / 'final' / 'metrics-eval.json'})")
+    lines += [f"run directory: {run_dir}", f"checkpoint:    {checkpoint} (ZeRO shards of every rank)"]
+    if (run_dir / "final").is_dir() and run.recipe.run.consolidate:
+        lines.append(f"model:         {run_dir / 'final'}")
+    history_file = checkpoints.directory(run_dir) / "trainer_state.json"  # every logged value, for plotting again
+    return "\n".join([*lines, plotted, f"history:       {history_file}"])
 
 
 def drop_zero_to_fp32_advice(record: logging.LogRecord) -> bool:

@@ -38,7 +38,7 @@ def test_a_second_start_loads_what_the_ranks_tokenized(tmp_path):
     first = subprocess.run([*plan["command"][:-1], str(recipe)], cwd=REPO, capture_output=True, text=True,
                            timeout=600, env={**os.environ, **ENV, **plan["env"]})
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert first.stdout.count(f"tokenizing train set: 3800 rows, cached at {cache}/train-") == 1  # rank 0 says it
+    assert first.stdout.count(f"tokenizing train set: 4000 rows, cached at {cache}/train-") == 1  # rank 0 says it
     assert records(run_dir) == [("train", False, "worker"), ("eval", False, "worker")]
     assert sorted(p.name.split("-")[0] for p in cache.iterdir()) == ["eval", "train"]
     assert complete_steps(run_dir) == [2]
@@ -66,6 +66,6 @@ def test_a_second_sweep_variant_with_the_same_data_does_not_tokenize_again(tmp_p
     # the second, with another learning rate, tokenized nothing
     assert records(second) == [("train", True, "preprocess"), ("eval", True, "preprocess"),
                                ("train", True, "worker"), ("eval", True, "worker")]
-    assert result.stdout.count("tokenizing train set: 3800 rows") == 1
+    assert result.stdout.count("tokenizing train set: 4000 rows") == 1
     entries = sorted(p.name.split("-")[0] for p in (sweep_dir / "tokenized").iterdir())
     assert entries == ["eval", "train"]  # one entry per split, shared

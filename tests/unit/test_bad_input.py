@@ -405,7 +405,8 @@ def test_preflight_needs_no_template_for_plain_text(tmp_path):
     data = tmp_path / "text.jsonl"
     data.write_bytes(jsonl([{"text": f"t{i}"} for i in range(4)]))
     recipe = smoke_recipe(tmp_path, model={"tokenizer": str(tokenizer_dir(tmp_path, None))},
-                          data={"train": [{"path": str(data)}]}, training={"assistant_only_loss": False})
+                          data={"train": [{"path": str(data)}], "eval": [{"path": str(data)}]},
+                          training={"assistant_only_loss": False})
     preflight.check(recipes.load(str(recipe)), str(recipe))
 
 

@@ -21,7 +21,7 @@ def chat(i):
 
 
 def load(recipe_factory, **data_section):
-    path = recipe_factory(data={"eval_fraction": 0.0, **data_section}, training={"eval_strategy": "no"})
+    path = recipe_factory(data={"eval": [], "eval_fraction": 0.0, **data_section}, training={"eval_strategy": "no"})
     return data.load(recipes.load(str(path)), str(path), seed=0)
 
 

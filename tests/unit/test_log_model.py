@@ -21,7 +21,7 @@ def test_the_worker_uploads_only_the_final_model_it_consolidated(tmp_path, monke
     monkeypatch.setattr("transformers.integrations.deepspeed.unset_hf_deepspeed_config", lambda: None)
     built = SimpleNamespace(stopper=None, throughput=None, trainer=SimpleNamespace(state=SimpleNamespace(log_history=[],
                                                                                           global_step=9)))
-    recipe = SimpleNamespace(run=SimpleNamespace(consolidate=consolidate, name="demo"),
+    recipe = SimpleNamespace(run=SimpleNamespace(consolidate=consolidate, name="demo", score_answers=0),
                              wandb=SimpleNamespace(log_model=True))
     tracker = SimpleNamespace(finish=lambda: None)
     train.finish(built, SimpleNamespace(run_dir=tmp_path, recipe=recipe), tracker, rank=0)

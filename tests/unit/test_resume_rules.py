@@ -15,7 +15,7 @@ JOB = ("--nodes", "2", "--gpus_per_node", "1")
 @pytest.fixture
 def finished_run(recipe_factory, tmp_path):
     """A run directory as a finished 2-rank job leaves it: the resolved recipe snapshot and its last checkpoint."""
-    recipe = recipe_factory(wandb={"project": "p", "mode": "offline"})
+    recipe = recipe_factory(training={"max_steps": 150}, wandb={"project": "p", "mode": "offline"})
     run = pipeline.prepare(str(recipe), {"slurm.nodes": 2, "slurm.gpus_per_node": 1}, None, check_data=False)
     rundir.prepare(run.run_dir, run.plan.snapshot())
     fake_checkpoint(run.run_dir, 150, world=2, max_steps=150)

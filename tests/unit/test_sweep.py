@@ -269,6 +269,11 @@ def test_report_metric_direction_and_text_table(sweep_dir):
     assert text[1].split() == ["#", "variant", "steps", "loss", "eval_loss", "status", "overrides"]
     assert text[2].split() == ["1", "v01-lr=2", "10/10", "2.2", "1.5", "finished", "training.learning_rate=2"]
     assert text[4].split()[:3] == ["-", "v02-lr=3", "-"] and "failed (exit 1)" in text[4]
+    # one plot compares the variants: eval_loss against the step, a line per variant that logged it
+    assert text[-1] == f"curves:        {sweep_dir / 'curves.png'}"
+    from PIL import Image
+
+    assert Image.open(sweep_dir / "curves.png").format == "PNG"
 
 
 def test_report_refuses_unknown_metric_and_missing_sweep(sweep_dir, tmp_path):

@@ -34,7 +34,7 @@ def rows_file(path: Path, edit: int | None = None) -> Path:
 @pytest.fixture
 def small(tmp_path) -> Path:
     """The smoke recipe on ROWS rows, a tenth of them held out for evaluation."""
-    return smoke_recipe(tmp_path, data={"train": [{"path": str(rows_file(tmp_path / "rows.jsonl"))}],
+    return smoke_recipe(tmp_path, data={"train": [{"path": str(rows_file(tmp_path / "rows.jsonl"))}], "eval": [],
                                         "eval_fraction": 0.1})
 
 

@@ -30,7 +30,7 @@ CASES = {
                                         ["lora.target_modules", "qkv_proj", "q_proj"]),
     "LoRA on a random base": ({"model": {"init": "random"}, "lora": {"r": 4}}, ["model.init", "LoRA"]),
     "evaluation without eval data": ({"data": {"train": [{"path": str(REPO / "recipes/smoke/data/train.jsonl")}],
-                                               "eval_fraction": 0.0}}, ["training.eval_strategy", "eval"]),
+                                               "eval": [], "eval_fraction": 0.0}}, ["training.eval_strategy", "eval"]),
     "QLoRA with ZeRO-3": ({"lora": {"quantize": "4bit"}}, ["lora.quantize", "ZeRO-3"]),
     "LoRA with ZeRO-3 that cannot save adapters": ({"lora": {"r": 8}},
                                                    ["stage3_gather_16bit_weights_on_model_save"]),
@@ -135,7 +135,7 @@ def test_resume_path_must_be_a_complete_checkpoint(recipe_factory, tmp_path, tar
 
 def test_a_finished_run_is_not_trained_again(recipe_factory, tmp_path):
     fake_checkpoint(tmp_path / "run", 150)
-    result = cli("launch", recipe_factory(), "--nproc_per_node", 2)
+    result = cli("launch", recipe_factory(training={"max_steps": 150}), "--nproc_per_node", 2)
     assert result.returncode == 0, result.stderr
     assert "already trained to the end (checkpoint-150); nothing to do" in result.stdout
     assert not (tmp_path / "run" / "recipe.yaml").exists()  # nothing started, nothing written
@@ -154,6 +154,15 @@ def test_wandb_offline_alone_needs_no_project(recipe_factory):
     result = cli("plan", recipe_factory(), "--wandb.mode=offline")
     assert result.returncode == 0, result.stderr
     assert "mode: offline" in result.stdout
+
+
+@pytest.mark.parametrize(("sections", "said"), [
+    ({"data": {"eval": [], "eval_fraction": 0.0}, "training": {"eval_strategy": "no"}}, "needs eval rows"),
+    ({"run": {"name": "smoke", "consolidate": False}}, "needs run.consolidate: true"),
+])
+def test_scoring_answers_needs_eval_rows_and_a_consolidated_model(recipe_factory, sections, said):
+    recipe = recipe_factory(**sections)
+    assert_rejected(cli("plan", recipe, "--run.score_answers=50"), "run.score_answers", said)
 
 
 def test_report_to_wandb_is_left_to_the_wandb_section(recipe_factory):
