@@ -131,7 +131,7 @@ def test_lora_run_ends_with_a_merged_model_matching_base_plus_adapter(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(final)
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     adapted = PeftModel.from_pretrained(base, final / "adapter")
-    ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, base.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, got = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
         unadapted = AutoModelForCausalLM.from_pretrained(base_dir)(input_ids=ids).logits

@@ -78,6 +78,7 @@ def smoke_outside(cwd: Path) -> Path:
     raw = yaml.safe_load((REPO / "recipes" / "smoke.yaml").read_text())
     raw["model"]["name_or_path"] = "model"  # relative to the current directory, as a user's recipe would say
     raw["data"]["train"][0]["path"] = "data/train.jsonl"
+    raw["data"]["eval"][0]["path"] = "data/heldout.jsonl"
     raw["deepspeed"]["config"] = "zero3"
     raw["run"]["output_dir"] = str(cwd / "run")
     (cwd / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
