@@ -54,7 +54,8 @@ def test_local_sweep_trains_each_variant_continues_past_a_failure_and_ranks(tmp_
     # the report ends the sweep's output: best eval loss first, the failed variant last
     table = result.stdout[result.stdout.index("sweep " + str(sweep_dir) + ": 3 variants, ranked"):].splitlines()
     assert "ranked by eval_loss (lower is better)" in table[0]
-    rows = [line.split() for line in table[2:]]
+    rows = [line.split() for line in table[2:5]]
+    assert table[5] == f"curves:        {sweep_dir / 'curves.png'}"  # and one plot of the variants
     best, worst = sorted(evals, key=evals.get)
     assert [r[1] for r in rows] == [best, worst, "v01-learning_rate=0.001"]
     assert best == "v02-learning_rate=0.003"  # 10 steps at 1e-4 hardly move the model
