@@ -24,6 +24,17 @@ def pyplot():
     return plt
 
 
+def missing(out: Path) -> str:
+    return f"curves: not plotted (pip install matplotlib); they would be in {out}"
+
+
+def save(plt, fig, out: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return f"curves:        {out}"
+
+
 def series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(e["step"], e[key]) for e in history if isinstance(e.get(key), (int, float)) and "step" in e]
     return [s for s, _ in points], [v for _, v in points]
@@ -33,7 +44,7 @@ def write(history: list[dict], out: Path, title: str) -> str:
     """Plot a run's log history into OUT; returns the line to print (where it is, or why it is not)."""
     plt = pyplot()
     if plt is None:
-        return f"curves: not plotted (pip install matplotlib); they would be in {out}"
+        return missing(out)
     metrics = sorted({k for e in history for k in e if k.startswith("eval_") and k not in NOT_METRICS
                       and isinstance(e[k], (int, float))})
     fig, axes = plt.subplots(1, 2 if metrics else 1, figsize=(11 if metrics else 6, 4), squeeze=False)
@@ -50,17 +61,14 @@ def write(history: list[dict], out: Path, title: str) -> str:
             scores.plot(*series(history, key), "o-", label=key[len("eval_"):])
         scores.set(xlabel="step", title="eval metrics")
         scores.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return f"curves:        {out}"
+    return save(plt, fig, out)
 
 
 def compare(variants: dict[str, list[dict]], metric: str, out: Path) -> str:
     """One plot of a sweep: METRIC against the step, a line per variant."""
     plt = pyplot()
     if plt is None:
-        return f"curves: not plotted (pip install matplotlib); they would be in {out}"
+        return missing(out)
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, history in variants.items():
         steps, values = series(history, metric)
@@ -68,7 +76,4 @@ def compare(variants: dict[str, list[dict]], metric: str, out: Path) -> str:
             ax.plot(steps, values, "o-" if metric.startswith("eval_") else "-", label=name)
     ax.set(xlabel="step", ylabel=metric, title=f"sweep: {metric}")
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return f"curves:        {out}"
+    return save(plt, fig, out)
