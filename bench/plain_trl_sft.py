@@ -25,7 +25,7 @@ TRAINING = {  # recipes/smoke.yaml's training section, plus what the launcher de
     "max_steps": 300, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "learning_rate": 3.0e-3,
     "lr_scheduler_type": "cosine", "warmup_steps": 50, "max_length": 64, "assistant_only_loss": True,
     "bf16": False, "fp16": False, "gradient_checkpointing": False, "logging_steps": 10, "eval_strategy": "steps",
-    "eval_steps": 50, "save_steps": 150, "save_total_limit": 2, "seed": SEED,
+    "eval_steps": 50, "per_device_eval_batch_size": 50, "save_steps": 150, "save_total_limit": 2, "seed": SEED,
 }
 DEEPSPEED = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
              "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",

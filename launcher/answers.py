@@ -55,3 +55,26 @@ def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_ne
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def scores_across_ranks(model, tokenizer, asked: list[tuple[list[int], str, str]], batch_size: int,
+                        max_new_tokens: int) -> dict:
+    """Exact match and token F1 of the answers to ASKED ((prompt ids, prompt, reference), the same list on every
+    rank): each rank answers its share and the sums are added up across ranks. Every rank makes the same number of
+    generate calls, padding its share with repeats that are not scored: under ZeRO-3 each forward gathers the
+    parameters from all ranks (generate's synced_gpus), so a rank that stopped early would leave the others waiting."""
+    import torch
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    share = asked[rank::world]
+    padded = share + [asked[0]] * (-(-len(asked) // world) - len(share))
+    texts = generate(model, tokenizer, [ids for ids, _, _ in padded], batch_size, max_new_tokens)
+    pairs = [(text, reference) for text, (_, _, reference) in zip(texts[: len(share)], share, strict=True)]
+    totals = torch.tensor([sum(normalize(g) == normalize(r) for g, r in pairs), sum(f1(g, r) for g, r in pairs),
+                           len(pairs)], dtype=torch.float64, device=model.device)
+    if distributed:
+        dist.all_reduce(totals)
+    exact, overlap, count = totals.tolist()
+    return {"exact_match": exact / count, "f1": overlap / count}

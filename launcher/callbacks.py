@@ -3,6 +3,7 @@ The hooks change `control` in place and return None: HF's callback handler then 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from launcher import checkpoints
 
@@ -85,3 +87,38 @@ class Perplexity(TrainerCallback):
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))  # capped: a diverged run stays finite
             if state.log_history and state.log_history[-1].get("eval_loss") == logs["eval_loss"]:
                 state.log_history[-1]["eval_perplexity"] = logs["eval_perplexity"]
+
+
+class QuietProgress(ProgressCallback):
+    """The console's one progress bar (rank 0), in place of HF's: the training loss on the bar instead of a dict
+    printed at every logging step, and one short line per evaluation above the bar, which gets no bar of its own
+    (HF's breaks the training bar). Every logged dict goes to LOG as a JSON line, where nothing is lost."""
+
+    def __init__(self, log: Path):
+        super().__init__()
+        self.log = log
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.training_bar is None:  # an evaluation outside training keeps HF's bar
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as f:
+            f.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")
+        if self.training_bar is None:
+            return
+        if "eval_loss" in logs:
+            self.training_bar.write(evaluated(state.global_step, logs))
+        elif isinstance(logs.get("loss"), (int, float)):
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+
+def evaluated(step: int, logs: dict) -> str:
+    """'step 50: eval loss 1.987, exact match 0.3125, f1 0.8112': the eval loss and the scores a person judges by."""
+    names = {"eval_loss": "eval loss", "eval_exact_match": "exact match", "eval_accuracy": "accuracy",
+             "eval_f1": "f1", "eval_mse": "mse"}
+    shown = [f"{name} {logs[key]:.4g}" for key, name in names.items() if isinstance(logs.get(key), (int, float))]
+    return f"step {step}: " + ", ".join(shown)

@@ -9,12 +9,14 @@ import contextlib
 import inspect
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from launcher import pipeline, topology, weights
+from launcher import console, pipeline, topology, weights
 from launcher import plan as plans
 from launcher import recipe as recipes
 from launcher.errors import EXIT_BAD_INPUT, RecipeError, exits_cleanly
@@ -48,10 +50,14 @@ def plan(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_r
 @exits_cleanly
 def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node_rank: int = 0,
            master_addr: str | None = None, master_port: int = topology.DEFAULT_PORT, hostfile: str | None = None,
-           dry_run: bool = False, tiny: bool = False, **overrides) -> None:
+           dry_run: bool = False, tiny: bool = False, verbose: bool = False, **overrides) -> None:
     """Start this node's ranks with the real `deepspeed` launcher (multi-node: --nnodes/--node_rank/--master_addr,
     no ssh needed; or --hostfile for DeepSpeed's own ssh start-up). --dry_run [--tiny]: the dry run of `train`,
-    in this one process, planned for this launch's ranks; nothing is started."""
+    in this one process, planned for this launch's ranks; nothing is started. The console shows one progress bar,
+    a line per evaluation and the summary; everything the ranks print is in <run dir>/logs/launch-node<N>.log.
+    --verbose: DeepSpeed's INFO lines and every logged dict on the console too."""
+    if verbose:  # read by the ranks (forwarded over ssh: a LAUNCHER_ variable)
+        os.environ[console.VERBOSE] = "1"
     topo = topology.from_flags(nproc_per_node, nnodes, node_rank, master_addr, master_port, hostfile)
     if tiny and not dry_run:
         raise RecipeError("command line: --tiny goes with --dry_run")
@@ -81,22 +87,35 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     env = {**os.environ, **plan.env}
     if topology.VISIBLE in env:  # else DeepSpeed ignores it with a warning; the ranks get it back (visible_devices)
         env.pop("CUDA_VISIBLE_DEVICES", None)
-    code, stopped = _run_ranks(plan.command, env)
+    log = run.run_dir / "logs" / f"launch-node{topo.node_rank}.log"
+    code, stopped = _run_ranks(plan.command, env, log, verbose, topology.shell_line(plan.env, plan.command))
     final = run.run_dir / "final"
     if code not in (0, EXIT_BAD_INPUT) and not stopped:  # bad input: the rank's own line says it all
-        print(f"error: training failed (deepspeed exit code {code}); the failing rank's error is above; the same "
-              "command continues the run from its newest complete checkpoint", file=sys.stderr, flush=True)
+        print(f"error: training failed (deepspeed exit code {code}); the failing rank's error is above (all of "
+              f"it: {log}); the same command continues the run from its newest complete checkpoint",
+              file=sys.stderr, flush=True)
     elif code == 0 and topo.node_rank == 0:
         print(f"finished: {final if final.is_dir() else run.run_dir}", flush=True)
     sys.exit(code)
 
 
-def _run_ranks(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
+def _run_ranks(command: list[str], env: dict[str, str], log: Path, verbose: bool, shown: str) -> tuple[int, bool]:
     """DeepSpeed's runner in a process group of its own, which SIGINT or SIGTERM to `launch` (Ctrl-C, a scheduler,
     kill) is passed on to: the runner, its per-node launcher and every rank stop, none is left orphaned. Passed on
-    as SIGTERM, which ranks die of quietly (SIGINT makes each print a KeyboardInterrupt traceback). Returns the exit
-    code (128 + N when stopped by signal N) and whether a signal stopped it."""
-    child = subprocess.Popen(command, env=env, start_new_session=True)
+    as SIGTERM, which ranks die of quietly (SIGINT makes each print a KeyboardInterrupt traceback). All it prints
+    goes to LOG, and to the console less DeepSpeed's INFO lines unless VERBOSE (launcher/console.py). Returns the
+    exit code (128 + N when stopped by signal N) and whether a signal stopped it."""
+    if sys.stdout.isatty() and "COLUMNS" not in env:  # the ranks' progress bar then fits this terminal (tqdm)
+        env = {**env, "COLUMNS": str(shutil.get_terminal_size().columns)}
+    tee = console.Tee(log, verbose)
+    tee.write_log(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shown}\n")
+    try:
+        return _wait(tee.popen(command, env=env, start_new_session=True))
+    finally:
+        tee.close()
+
+
+def _wait(child: subprocess.Popen) -> tuple[int, bool]:
     received: list[int] = []
 
     def forward(signum, frame):
@@ -190,13 +209,16 @@ def preprocess(recipe: str, **overrides) -> None:
 
 @exits_cleanly
 def train(recipe: str, dry_run: bool = False, tiny: bool = False, nproc_per_node: int | None = None,
-          nnodes: int | None = None, **overrides) -> None:
+          nnodes: int | None = None, verbose: bool = False, **overrides) -> None:
     """Train in this process as a single rank: the quick debug run of a recipe on one GPU or the CPU.
 
     --dry_run: 3 steps on 64 rows into a throwaway run directory, then consolidate, reload and generate; prints a
     report, one line per stage, and fails naming the stage. --tiny (with --dry_run): the same architecture at a toy
     size, random weights: no download of the model, no GPU needed. --nproc_per_node/--nnodes: the real run's ranks,
-    for the dry run's batch check and memory estimate (default: the recipe's slurm section, else 1 x 1)."""
+    for the dry run's batch check and memory estimate (default: the recipe's slurm section, else 1 x 1).
+    --verbose: every logged dict printed, as HF's trainer does, not just the progress bar and a line per evaluation."""
+    if verbose:
+        os.environ[console.VERBOSE] = "1"
     if (tiny or nproc_per_node or nnodes) and not dry_run:
         raise RecipeError("command line: --tiny, --nproc_per_node and --nnodes go with --dry_run")
     if dry_run:

@@ -124,12 +124,11 @@ def _lm_metrics(model, tokenizer, rows, prompts: int, max_new_tokens: int, batch
     from tqdm.auto import tqdm
 
     marked = bool(GENERATION_MARKERS.search(tokenizer.chat_template or ""))
-    # conversational prompt/completion rows (lists of turns) are one conversation
-    rows = [{"messages": [*r["prompt"], *r["completion"]]} if isinstance(r.get("prompt"), list) else r for r in rows]
+    rows = [_one_conversation(r) for r in rows]
     scored = [(ids, mask) for ids, mask in (_scored(tokenizer, row, marked) for row in rows) if sum(mask[1:])]
     if not scored:
         raise RecipeError("--data: no row has a token to score (empty completions, or a template that marks none)")
-    asked = [p for p in (_prompt(tokenizer, row) for row in rows) if p]
+    asked = questions(tokenizer, rows)
     batches = -(-len(scored) // batch_size) + -(-len(asked) // batch_size)
     total, count, pad = 0.0, 0, tokenizer.pad_token_id
     with tqdm(total=batches, desc="evaluating", unit="batch", leave=False) as bar:
@@ -153,6 +152,18 @@ def _lm_metrics(model, tokenizer, rows, prompts: int, max_new_tokens: int, batch
     scores = answers.scores([(s["generated"], s["reference"]) for s in samples])
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, **scores,
             "samples": samples[: max(prompts, 0)]}
+
+
+def questions(tokenizer, rows) -> list[tuple[list[int], str, str]]:
+    """(prompt ids, prompt, reference) of each row that has an answer to give: a conversation's last assistant turn,
+    a prompt/completion row's completion; text rows have none. What the answers are scored on, here and during
+    training (run.eval_answers)."""
+    return [q for q in (_prompt(tokenizer, _one_conversation(row)) for row in rows) if q]
+
+
+def _one_conversation(row: dict) -> dict:
+    """Conversational prompt/completion rows (lists of turns) are one conversation."""
+    return {"messages": [*row["prompt"], *row["completion"]]} if isinstance(row.get("prompt"), list) else row
 
 
 def _scored(tokenizer, row: dict, marked: bool) -> tuple[list[int], list[int]]:

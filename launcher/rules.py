@@ -123,14 +123,19 @@ def check_task(recipe: Recipe, where: str) -> None:
         fail(where, "head", "labels and class_weights are for classification; regression predicts one number")
     if recipe.freeze and recipe.lora:
         fail(where, "freeze", "and lora both choose what trains: LoRA already freezes the base model; remove one")
-    if recipe.run.score_answers:
+    for key in ("score_answers", "eval_answers"):
+        if not getattr(recipe.run, key):
+            continue
         if task != "sft":
-            fail(where, "run.score_answers", f"scores generated answers; task {task} predicts labels, which its "
+            fail(where, f"run.{key}", f"scores generated answers; task {task} predicts labels, which its "
                  "evaluation already scores: remove it")
         if not recipe.data.eval and not recipe.data.eval_fraction:
-            fail(where, "run.score_answers", "needs eval rows to answer: give data.eval or data.eval_fraction")
-        if not recipe.run.consolidate:
-            fail(where, "run.score_answers", "answers with the consolidated model: it needs run.consolidate: true")
+            fail(where, f"run.{key}", "needs eval rows to answer: give data.eval or data.eval_fraction")
+    if recipe.run.score_answers and not recipe.run.consolidate:
+        fail(where, "run.score_answers", "answers with the consolidated model: it needs run.consolidate: true")
+    if recipe.run.eval_answers and ds_config.training_value(recipe, "eval_strategy") in ("no", None):
+        fail(where, "run.eval_answers", "scores the answers at each evaluation, and this recipe never evaluates: "
+             "set training.eval_strategy (steps, with training.eval_steps, or epoch)")
 
 
 def check_speed_options(recipe: Recipe, config: dict | None, stage: int, where: str) -> None:

@@ -47,6 +47,10 @@ class RunSection:
                              "references: exact match and token F1, printed with three examples and written to "
                              "final/metrics-eval.json. SFT only, with an eval set; 0: off.", NON_NEGATIVE, default=0,
                              identity=False)
+    eval_answers: int = doc("At each evaluation during training, the model also answers the first N eval rows "
+                            "(greedy, shared out between the ranks) and eval_exact_match and eval_f1 are logged with "
+                            "eval_loss: in W&B, curves.png and sweep reports. SFT only, with an eval set and "
+                            "training.eval_strategy; 0: off.", NON_NEGATIVE, default=0, identity=False)
     resume: str = doc("For the first start only: auto continues from the run directory's newest complete checkpoint; "
                       "never refuses a run directory that holds checkpoints; or the path of a checkpoint to start "
                       "from. Once the run has checkpoints of its own (a requeue, a resubmit), it continues from its "

@@ -281,9 +281,27 @@ def trainer_class():
     import trl
 
     class SFTTrainer(trl.SFTTrainer):
-        def __init__(self, *args, tokenized_cache: Path, run_dir: Path | None = None, **kwargs):
+        def __init__(self, *args, tokenized_cache: Path, run_dir: Path | None = None, questions=None, **kwargs):
+            """questions: (asked, max_new_tokens) for the answers' scores at each evaluation (run.eval_answers)."""
             self._tokenized_cache, self._tokenized_run_dir = Path(tokenized_cache), run_dir
+            self._questions = questions
             super().__init__(*args, **kwargs)
+
+        def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                            metric_key_prefix="eval"):
+            """The eval loss and TRL's metrics, then the answers' exact match and token F1, logged with them."""
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            if self._questions and description == "Evaluation":
+                import torch
+
+                from launcher import answers
+
+                with torch.no_grad():
+                    scored = answers.scores_across_ranks(self.model, self.processing_class, self._questions[0],
+                                                         self.args.per_device_eval_batch_size, self._questions[1])
+                output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in scored.items()})
+            return output
 
         def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
             tokenize = functools.partial(super()._prepare_dataset, dataset, processing_class, args, packing,

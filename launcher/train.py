@@ -21,6 +21,7 @@ from typing import Any
 
 from launcher import (
     checkpoints,
+    console,
     curves,
     data,
     ds_config,
@@ -37,6 +38,7 @@ from launcher import (
 from launcher import recipe as recipes
 from launcher.consolidate import resolve_checkpoint
 from launcher.errors import EXIT_BAD_INPUT, RecipeError
+from launcher.schema import fail
 
 
 def run(recipe_path: str, overrides: dict) -> None:
@@ -169,13 +171,45 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
             trainer = tokenized.trainer_class()(model=model, args=args, train_dataset=train_set,
                                                 eval_dataset=eval_set, processing_class=tokenizer,
                                                 peft_config=peft_config, callbacks=[*callbacks, Perplexity()],
-                                                tokenized_cache=tokenized.cache_dir(recipe), run_dir=run_dir)
+                                                tokenized_cache=tokenized.cache_dir(recipe), run_dir=run_dir,
+                                                questions=eval_questions(recipe, tokenizer, eval_set, where))
         else:
             from launcher import classify
 
             trainer = classify.make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks,
                                             ds_config.training_value(recipe, "max_length"))
+    if not os.environ.get(console.VERBOSE):
+        quiet(trainer, run_dir)
     return Built(trainer, tokenizer, train_set, eval_set, trainable, stopper, throughput)
+
+
+def quiet(trainer, run_dir: Path) -> None:
+    """One progress bar and a line per evaluation on the console (callbacks.QuietProgress), every logged dict in
+    <run dir>/logs/metrics.jsonl; no bars of transformers' own (the empty "Writing model shards" at each ZeRO-3
+    save, "Loading weights")."""
+    from transformers.trainer_callback import ProgressCallback
+    from transformers.utils import logging as hf_logging
+
+    from launcher.callbacks import QuietProgress
+
+    hf_logging.disable_progress_bar()
+    if trainer.pop_callback(ProgressCallback) is not None:  # absent under disable_tqdm (the dry run)
+        trainer.add_callback(QuietProgress(run_dir / "logs" / "metrics.jsonl"))
+
+
+def eval_questions(recipe, tokenizer, eval_set, where: str):
+    """What the answers are scored on at each evaluation (run.eval_answers): the first N eval rows' prompts and
+    references, and room for the longest reference plus a few tokens (a longer answer is wrong anyway)."""
+    if not recipe.run.eval_answers or eval_set is None:
+        return None
+    from launcher.evaluate import questions
+
+    asked = questions(tokenizer, eval_set.select(range(min(recipe.run.eval_answers, len(eval_set)))))
+    if not asked:
+        fail(where, "run.eval_answers", "the eval rows are text rows, which have no answer to score: give chats "
+             "(messages) or prompt/completion rows")
+    longest = max(len(tokenizer(reference, add_special_tokens=False)["input_ids"]) for _, _, reference in asked)
+    return asked, longest + 8
 
 
 def training_arguments(recipe, stage: int) -> dict[str, Any]:
@@ -271,7 +305,7 @@ def summary(built: Built, run: pipeline.Run, checkpoint: Path, scored: dict | No
     if losses:
         done += f", training loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     if evals:
-        shown = [k for k in ("loss", "perplexity", "accuracy", "f1", "mse") if f"eval_{k}" in evals[-1]]
+        shown = [k for k in ("loss", "perplexity", "exact_match", "accuracy", "f1", "mse") if f"eval_{k}" in evals[-1]]
         done += "; last eval: " + ", ".join(f"{k} {evals[-1][f'eval_{k}']:.4g}" for k in shown)
     lines = [done]
     if speed := built.throughput.summary() if built.throughput else None:
@@ -283,7 +317,8 @@ def summary(built: Built, run: pipeline.Run, checkpoint: Path, scored: dict | No
     if (run_dir / "final").is_dir() and run.recipe.run.consolidate:
         lines.append(f"model:         {run_dir / 'final'}")
     history_file = checkpoints.directory(run_dir) / "trainer_state.json"  # every logged value, for plotting again
-    return "\n".join([*lines, plotted, f"history:       {history_file}"])
+    return "\n".join([*lines, plotted, f"history:       {history_file}",
+                      f"logs:          {run_dir / 'logs'} (all the ranks printed; metrics.jsonl: each logged dict)"])
 
 
 def drop_zero_to_fp32_advice(record: logging.LogRecord) -> bool:

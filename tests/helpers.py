@@ -62,10 +62,9 @@ def shipped_recipe(source: Path, tmp_path: Path, name: str = "recipe.yaml", drop
 
 
 def smoke_recipe(tmp_path: Path, name: str = "recipe.yaml", drop: tuple[str, ...] = (), **sections) -> Path:
-    """The smoke recipe without its end-of-run answer scoring (about 10 s a run; the shipped recipe's own test keeps
-    it), unless `run` sets run.score_answers."""
-    if "score_answers" not in sections.get("run", {}):
-        drop = ("run.score_answers", *drop)
+    """The smoke recipe without its answer scoring, at the end of the run and at each evaluation (about 10 s a run;
+    the shipped recipe's own test keeps both), unless `run` sets run.score_answers or run.eval_answers."""
+    drop = (*(f"run.{k}" for k in ("score_answers", "eval_answers") if k not in sections.get("run", {})), *drop)
     return shipped_recipe(SMOKE, tmp_path, name, drop, **sections)
 
 

@@ -69,6 +69,54 @@ def test_smoke_recipe_zero3_full_finetune_learns(tmp_path):
     evals = [e for e in json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())["log_history"]
              if "eval_loss" in e]
     assert evals and all(e["eval_perplexity"] == pytest.approx(math.exp(e["eval_loss"])) for e in evals)
+    # run.eval_answers: scored at each evaluation; at the last, the same weights give the consolidated model's score
+    assert [e["step"] for e in evals] == [50, 100, 150, 200, 250, 300]
+    assert evals[0]["eval_exact_match"] < 0.5 <= evals[-1]["eval_exact_match"], evals
+    scored = json.loads((run_dir / "final" / "metrics-eval.json").read_text())
+    assert evals[-1]["eval_exact_match"] == pytest.approx(scored["exact_match"])
+    assert evals[-1]["eval_f1"] == pytest.approx(scored["f1"])
+    assert_quiet_console(result, run_dir, evals)
+
+
+def assert_quiet_console(result, run_dir: Path, evals: list[dict]) -> None:
+    """One progress bar and a line per evaluation; DeepSpeed's INFO lines and the logged dicts only in the run
+    directory: the ranks' whole output in logs/launch-node0.log, each logged dict in logs/metrics.jsonl."""
+    shown = result.stdout + result.stderr
+    assert "[INFO]" not in shown and "Setting accelerator to CPU" not in shown
+    assert "{'loss'" not in shown and "{'eval_loss'" not in shown
+    for e in evals:
+        assert (f"step {e['step']}: eval loss {e['eval_loss']:.4g}, exact match {e['eval_exact_match']:.4g}, "
+                f"f1 {e['eval_f1']:.4g}") in result.stdout
+    assert "Writing model shards" not in shown and "Loading weights" not in shown
+    log = (run_dir / "logs" / "launch-node0.log").read_text()
+    assert "[INFO] [launch.py" in log and "Setting accelerator to CPU" in log and "done: 300 steps" in log
+    logged = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["eval_exact_match"] for e in logged if "eval_loss" in e] == [e["eval_exact_match"] for e in evals]
+    assert sum("loss" in e for e in logged) == 30  # logging_steps 10
+    assert f"logs:          {run_dir / 'logs'}" in result.stdout
+
+
+def test_answer_scores_during_training_shared_out_between_ranks(tmp_path):
+    """run.eval_answers on 7 rows over 2 ZeRO-3 ranks (4 and 3, answered in batches of 2, so one rank answers a
+    repeat it must not count): the score logged at the last evaluation is the one `launcher evaluate` gives the
+    consolidated model on the same 7 rows, half-way through learning, where a miscounted row would show. --verbose:
+    the console shows DeepSpeed's lines and HF's logged dicts as they are."""
+    recipe = smoke_recipe(tmp_path, run={"eval_answers": 7},
+                          training={"max_steps": 100, "per_device_eval_batch_size": 2, "save_steps": 100})
+    result = cli("launch", recipe, "--nproc_per_node", 2, "--master_port", free_port(), "--verbose")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    run_dir = tmp_path / "run"
+    state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
+    last = [e for e in state["log_history"] if "eval_loss" in e][-1]
+    assert last["step"] == 100
+    held_out = REPO / "recipes/smoke/data/heldout.jsonl"
+    scored = cli("evaluate", run_dir / "final", "--data", held_out, "--max_rows", 7, "--output", tmp_path / "7.json")
+    assert scored.returncode == 0, scored.stderr
+    again = json.loads((tmp_path / "7.json").read_text())
+    assert again["answered"] == 7 and 0 < again["exact_match"] < 1, again  # learning: some right, some not
+    assert last["eval_exact_match"] == pytest.approx(again["exact_match"]), (last, again)
+    assert last["eval_f1"] == pytest.approx(again["f1"])
+    assert "[INFO] [launch.py" in result.stdout + result.stderr and "{'loss'" in result.stdout + result.stderr
 
 
 def assert_learned_the_task(printed: str, final: Path) -> None:
@@ -112,7 +160,7 @@ def assert_evaluate_reports(final: Path, first_loss: float) -> None:
 
 def assert_final_eval_loss_matches(run_dir: Path) -> None:
     """The consolidated fp32 model scores the run's eval split as the trainer did at its last step (2 ranks then,
-    one process now, same batches of 8)."""
+    one process now, batches of the recipe's eval batch size)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -121,7 +169,8 @@ def assert_final_eval_loss_matches(run_dir: Path) -> None:
 
     recipe = recipes.load(str(run_dir / "recipe.yaml"))
     _, eval_set = data.load(recipe, "recipe.yaml", seed=recipe.training["seed"])
-    args = SFTConfig(output_dir=str(run_dir / "eval"), use_cpu=True, per_device_eval_batch_size=8, report_to="none",
+    args = SFTConfig(output_dir=str(run_dir / "eval"), use_cpu=True, report_to="none",
+                     per_device_eval_batch_size=recipe.training.get("per_device_eval_batch_size", 8),
                      max_length=recipe.training["max_length"], assistant_only_loss=True, bf16=False)
     trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(run_dir / "final"), args=args,
                          train_dataset=eval_set, eval_dataset=eval_set,  # train_dataset: required, unused

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from launcher import recipe as recipes
-from tests.helpers import REPO, assert_rejected, cli, fake_checkpoint
+from tests.helpers import REPO, assert_rejected, cli, fake_checkpoint, sentiment_recipe
 
 CASES = {
     "unknown section, did you mean": ({"modle": {"name_or_path": "x"}}, ["modle", "did you mean 'model'"]),
@@ -163,6 +163,19 @@ def test_wandb_offline_alone_needs_no_project(recipe_factory):
 def test_scoring_answers_needs_eval_rows_and_a_consolidated_model(recipe_factory, sections, said):
     recipe = recipe_factory(**sections)
     assert_rejected(cli("plan", recipe, "--run.score_answers=50"), "run.score_answers", said)
+
+
+@pytest.mark.parametrize(("sections", "said"), [
+    ({"data": {"eval": [], "eval_fraction": 0.0}, "training": {"eval_strategy": "no"}}, "needs eval rows"),
+    ({"training": {"eval_strategy": "no"}}, "never evaluates"),
+])
+def test_answers_during_training_need_eval_rows_and_evaluations(recipe_factory, sections, said):
+    assert_rejected(cli("plan", recipe_factory(**sections), "--run.eval_answers=50"), "run.eval_answers", said)
+
+
+def test_answers_are_not_scored_for_a_classifier(tmp_path):
+    for key in ("eval_answers", "score_answers"):
+        assert_rejected(cli("plan", sentiment_recipe(tmp_path), f"--run.{key}=50"), f"run.{key}", "predicts labels")
 
 
 def test_report_to_wandb_is_left_to_the_wandb_section(recipe_factory):
