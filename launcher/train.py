@@ -47,7 +47,7 @@ def run(recipe_path: str, overrides: dict) -> None:
     if (devices := topology.visible_devices(dict(os.environ))) is not None:  # before anything touches CUDA
         os.environ["CUDA_VISIBLE_DEVICES"] = devices
     rank, world = distributed_env()
-    run_dir = None
+    run_dir, training = None, False
     try:
         # --- the gate, as `launch` passed it: ranks re-check what they start from (the data they load below)
         run = pipeline.prepare(recipe_path, overrides, topology.Topology((world,)), check_data=False)
@@ -60,6 +60,7 @@ def run(recipe_path: str, overrides: dict) -> None:
             pipeline.write(run, run.plan.snapshot())
         weights.fetch(run.recipe)  # before joining the process group, whose collectives time out
         built = build(run.recipe, run.plan.ds_config, recipe_path, world)
+        training = True
         tracker = train(built, run, rank, world)
         finish(built, run, tracker, rank)
     except RecipeError as err:
@@ -70,6 +71,13 @@ def run(recipe_path: str, overrides: dict) -> None:
                 err = everyone
         if rank == 0:  # rank 0 speaks for all ranks
             print(f"error: {err}", file=sys.stderr, flush=True)
+        if world > 1 and not training and (dist := sys.modules.get("torch.distributed")) and dist.is_initialized():
+            # every rank stops here at once, and a rank whose peers have gone dies at exit in the process group's
+            # threads ("terminate called without an active exception": exit code 250, not 2); nothing is left to
+            # save before training, so leave without the interpreter's teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_BAD_INPUT)
         sys.exit(EXIT_BAD_INPUT)
     except Exception as err:  # one line per failing rank, not a traceback from each: that goes to the run directory
         where, kind = f"rank {rank} ({socket.gethostname()})", type(err).__name__
