@@ -53,6 +53,8 @@ class CompleteCheckpoints(TrainerCallback):
         if state.is_world_process_zero:
             checkpoints.mark_complete(checkpoint, {"step": state.global_step, "max_steps": state.max_steps,
                                                    "world_size": self.world, "zero_stage": self.zero_stage,
+                                                   "global_batch": args.per_device_train_batch_size
+                                                   * args.gradient_accumulation_steps * self.world,
                                                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             for old in checkpoints.retain(self.run_dir, self.keep):
                 print(f"retention: removed {old.name}", flush=True)
@@ -76,6 +78,17 @@ class StopOnRequest(TrainerCallback):
             self.stopped_at = state.global_step
             if state.is_world_process_zero:
                 print(f"stop requested: saving a checkpoint at step {state.global_step} and stopping", flush=True)
+
+
+class UniversalResume(TrainerCallback):
+    """Resumed from a universal checkpoint (another number of ranks): DeepSpeed's ZeRO-3 load leaves one Adam step
+    tensor shared by every parameter group, which torch's Adam then advances once per group per step: each group gets
+    its own copy (launcher/universal.py). The load happens before on_train_begin."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        from launcher import universal
+
+        universal.unshare_adam_steps(optimizer)
 
 
 class Perplexity(TrainerCallback):

@@ -83,7 +83,7 @@ def finished(checkpoint: Path, max_steps: int | None = None) -> bool:
     return info.get("step", 0) >= goal
 
 
-def resume_point(run_dir: Path, resume: str, world: int, requeued: bool = False) -> Path | None:
+def resume_point(run_dir: Path, resume: str, requeued: bool = False) -> Path | None:
     """The checkpoint this start continues from, or None for a fresh start.
 
     run.resume (auto | never | PATH) is for the first start: once the run directory holds complete checkpoints of
@@ -103,11 +103,6 @@ def resume_point(run_dir: Path, resume: str, world: int, requeued: bool = False)
         raise RecipeError(f"{checkpoint}: run.resume names a directory that is not a complete checkpoint "
                           f"(no {MARKER}); give a checkpoint-N directory written by this launcher")
     verify(checkpoint)  # DeepSpeed unpickles the shards it loads: they must be the files the marker vouches for
-    if (saved_world := marker(checkpoint).get("world_size")) != world:
-        raise RecipeError(f"{checkpoint}: saved by {saved_world} ranks, this run has {world}; ZeRO optimizer state "
-                          f"is sharded per rank, so resume with {saved_world} ranks (changing the world size needs "
-                          "DeepSpeed's universal checkpoints, python -m deepspeed.checkpoint.ds_to_universal, which "
-                          "this launcher does not load yet)")
     return checkpoint
 
 

@@ -80,6 +80,10 @@ def launch(recipe: str, nproc_per_node: int | None = None, nnodes: int = 1, node
     if topo.hostfile and (left := topology.forwarded(dict(os.environ))[1]):
         print(f"not passed to the hosts over ssh: {', '.join(left)} (secrets, or values a shell would expand); "
               "the ranks use the hosts' own (~/.netrc from `wandb login`, the HF token file)", flush=True)
+    if run.universal:  # resuming on another number of ranks: the first node converts the checkpoint, once
+        from launcher import universal
+
+        universal.convert(run.resume) if topo.node_rank == 0 else universal.wait_for(run.resume)
     if run.recipe.task == "sft":  # here, once, so that no rank waits at a barrier while another tokenizes
         from launcher import tokenized
 

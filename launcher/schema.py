@@ -323,6 +323,7 @@ TRAINING_NOT_IDENTITY = frozenset({
     "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "eval_steps", "eval_strategy", "eval_delay",
     "eval_on_start", "per_device_eval_batch_size", "dataloader_num_workers", "dataloader_pin_memory",
     "dataloader_persistent_workers", "dataloader_prefetch_factor", "ddp_timeout", "include_num_input_tokens_seen",
+    "gradient_accumulation_steps",  # derived per world size; the gate checks the global batch (pipeline.world_changed)
 })
 GROW_ONLY = frozenset({"training.max_steps", "training.num_train_epochs"})  # a longer run continues; a shorter no
 

@@ -33,6 +33,7 @@ from launcher import (
     startup,
     topology,
     tracking,
+    universal,
     weights,
 )
 from launcher import recipe as recipes
@@ -58,6 +59,11 @@ def run(recipe_path: str, overrides: dict) -> None:
             return
         if rank == 0:
             pipeline.write(run, run.plan.snapshot())
+        if run.universal and not universal.ready(run.resume):  # `launch` converts before it starts the ranks
+            if world > 1:
+                raise RecipeError(f"{run.resume}: saved by another number of ranks and not converted to DeepSpeed's "
+                                  "universal format yet: start with `launcher launch`, which converts it first")
+            universal.convert(run.resume)
         weights.fetch(run.recipe)  # before joining the process group, whose collectives time out
         built = build(run.recipe, run.plan.ds_config, recipe_path, world)
         training = True
@@ -257,6 +263,10 @@ def train(built: Built, run: pipeline.Run, rank: int, world: int):
             tracker = tracking.start(recipe, run.run_dir, config)
             print(f"W&B run {tracker.id} ({recipe.wandb.mode}): {tracker.url or run.run_dir / 'wandb'}", flush=True)
             trainer.add_callback(tracking.make_callback(tracker))
+    if run.universal:
+        from launcher.callbacks import UniversalResume
+
+        trainer.add_callback(UniversalResume())
     trainer.train(resume_from_checkpoint=str(run.resume) if run.resume else None)
     rundir.record_rank(run.run_dir, rank, world, trainer.model_wrapped.config)
     trainer.save_state()  # the loss history, next to the checkpoints

@@ -80,7 +80,7 @@ def test_a_rollback_sets_the_abandoned_checkpoints_aside(tmp_path):
     assert "rolled back to step 4: moved checkpoint-8" in result.stdout
     assert sorted(p.name.rsplit("-", 2)[0] for p in (run / "rolled-back").iterdir()) == ["checkpoint-12",
                                                                                         "checkpoint-8"]
-    assert checkpoints.resume_point(run, "auto", 2, requeued=True) == run / "checkpoints" / "checkpoint-5"
+    assert checkpoints.resume_point(run, "auto", requeued=True) == run / "checkpoints" / "checkpoint-5"
 
 
 def test_resume_refuses_a_checkpoint_whose_files_changed_after_it_was_marked(finished_run, tmp_path):

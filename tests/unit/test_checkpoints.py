@@ -43,7 +43,7 @@ def test_retention_never_counts_or_deletes_half_written_checkpoints(tmp_path):
         make(tmp_path, step, complete=False)
     assert checkpoints.retain(tmp_path, 1) == []
     assert names(tmp_path) == ["checkpoint-10", "checkpoint-20", "checkpoint-30", "checkpoint-40"]
-    assert checkpoints.resume_point(tmp_path, "auto", 2).name == "checkpoint-10"
+    assert checkpoints.resume_point(tmp_path, "auto").name == "checkpoint-10"
 
 
 # --- the marker vouches for the files (issue 13, items 9, 11, 12, 13) ---------------------------------------------
@@ -75,8 +75,8 @@ def test_resume_and_consolidation_refuse_files_that_do_not_match_the_marker(tmp_
     shard = path / SHARD
     shard.write_bytes(b"x" * 40) if damage == "truncated" else shard.unlink()
     needle = "has 40 bytes, 100 when it was completed" if damage == "truncated" else "is missing"
-    for call in (lambda: checkpoints.resume_point(tmp_path, "auto", 2),
-                 lambda: checkpoints.resume_point(tmp_path, str(path), 2),  # --resume PATH: DeepSpeed unpickles it
+    for call in (lambda: checkpoints.resume_point(tmp_path, "auto"),
+                 lambda: checkpoints.resume_point(tmp_path, str(path)),  # --resume PATH: DeepSpeed unpickles it
                  lambda: resolve_checkpoint(tmp_path), lambda: resolve_checkpoint(path)):
         with pytest.raises(RecipeError, match=f"{path}: {SHARD} {needle}"):
             call()
@@ -93,7 +93,7 @@ def test_a_marker_from_before_the_file_list_is_still_accepted(tmp_path):
     path = saved(tmp_path, 10)
     (path / "complete.json").write_text(json.dumps({"step": 10, "max_steps": 100, "world_size": 2}))
     (path / SHARD).write_bytes(b"")  # nothing to check it against
-    assert checkpoints.resume_point(tmp_path, "auto", 2) == path
+    assert checkpoints.resume_point(tmp_path, "auto") == path
     assert resolve_checkpoint(tmp_path) == path
 
 

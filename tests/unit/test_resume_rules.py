@@ -66,12 +66,12 @@ def test_resume_never_and_a_path_apply_to_the_first_start_only(tmp_path):
     older = run_dir / "checkpoints" / "checkpoint-10"
     foreign = fake_checkpoint(elsewhere, 5, world=2)
     with pytest.raises(Exception, match="already holds checkpoints"):
-        checkpoints.resume_point(run_dir, "never", 2)  # a new start on an old run: refused
-    assert checkpoints.resume_point(run_dir, "never", 2, requeued=True) == newest  # the job's own requeue
-    assert checkpoints.resume_point(run_dir, str(foreign), 2) == newest  # PATH again would lose steps 5..20
-    assert checkpoints.resume_point(run_dir, str(older), 2) == older  # a PATH of this run rolls back to it
-    assert checkpoints.resume_point(tmp_path / "fresh", str(foreign), 2) == foreign  # the first start
-    assert checkpoints.resume_point(tmp_path / "fresh", "never", 2, requeued=True) is None
+        checkpoints.resume_point(run_dir, "never")  # a new start on an old run: refused
+    assert checkpoints.resume_point(run_dir, "never", requeued=True) == newest  # the job's own requeue
+    assert checkpoints.resume_point(run_dir, str(foreign)) == newest  # PATH again would lose steps 5..20
+    assert checkpoints.resume_point(run_dir, str(older)) == older  # a PATH of this run rolls back to it
+    assert checkpoints.resume_point(tmp_path / "fresh", str(foreign)) == foreign  # the first start
+    assert checkpoints.resume_point(tmp_path / "fresh", "never", requeued=True) is None
 
 
 def test_a_checkpoint_of_another_zero_stage_is_refused(recipe_factory, tmp_path):
