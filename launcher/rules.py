@@ -131,6 +131,8 @@ def check_task(recipe: Recipe, where: str) -> None:
                  "evaluation already scores: remove it")
         if not recipe.data.eval and not recipe.data.eval_fraction:
             fail(where, f"run.{key}", "needs eval rows to answer: give data.eval or data.eval_fraction")
+    if recipe.run.log_samples and task != "sft":
+        fail(where, "run.log_samples", f"records SFT rows; task {task} trains with the HF Trainer: remove it")
     if recipe.run.score_answers and not recipe.run.consolidate:
         fail(where, "run.score_answers", "answers with the consolidated model: it needs run.consolidate: true")
     if recipe.run.eval_answers and ds_config.training_value(recipe, "eval_strategy") in ("no", None):

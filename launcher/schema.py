@@ -51,6 +51,9 @@ class RunSection:
                             "(greedy, shared out between the ranks) and eval_exact_match and eval_f1 are logged with "
                             "eval_loss: in W&B, curves.png and sweep reports. SFT only, with an eval set and "
                             "training.eval_strategy; 0: off.", NON_NEGATIVE, default=0, identity=False)
+    log_samples: bool = doc("Each rank appends which rows it trained on at each step (a hash of each row's tokens) "
+                            "to <run dir>/logs/samples-rank<R>.jsonl: what a resumed run saw, row by row. SFT only.",
+                            default=False, identity=False)
     resume: str = doc("For the first start only: auto continues from the run directory's newest complete checkpoint; "
                       "never refuses a run directory that holds checkpoints; or the path of a checkpoint to start "
                       "from. Once the run has checkpoints of its own (a requeue, a resubmit), it continues from its "

@@ -281,11 +281,18 @@ def trainer_class():
     import trl
 
     class SFTTrainer(trl.SFTTrainer):
-        def __init__(self, *args, tokenized_cache: Path, run_dir: Path | None = None, questions=None, **kwargs):
-            """questions: (asked, max_new_tokens) for the answers' scores at each evaluation (run.eval_answers)."""
+        def __init__(self, *args, tokenized_cache: Path, run_dir: Path | None = None, questions=None,
+                     samples: Path | None = None, **kwargs):
+            """questions: (asked, max_new_tokens) for the answers' scores at each evaluation (run.eval_answers);
+            samples: the file this rank records its rows in (run.log_samples)."""
             self._tokenized_cache, self._tokenized_run_dir = Path(tokenized_cache), run_dir
-            self._questions = questions
+            self._questions, self._samples = questions, samples
             super().__init__(*args, **kwargs)
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            if self._samples is not None:
+                record_rows(self._samples, self.state.global_step + 1, inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
 
         def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                             metric_key_prefix="eval"):
@@ -312,6 +319,17 @@ def trainer_class():
                            self._tokenized_cache, self._tokenized_run_dir, "worker")
 
     return SFTTrainer
+
+
+def record_rows(path: Path, step: int, inputs) -> None:
+    """One line per micro-batch: the step it trains and a hash of each row's tokens (those the attention mask keeps),
+    the same for a row whichever rank or batch it lands in."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    rows = [(row if mask is None else row[mask[i].bool()]).cpu().numpy().tobytes() for i, row in enumerate(ids)]
+    hashes = [hashlib.blake2b(r, digest_size=8).hexdigest() for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "rows": hashes}) + "\n")
 
 
 # --- preprocess: the same, in the launching process, before any rank starts ----------------------------------------

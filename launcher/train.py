@@ -186,7 +186,8 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
                                                 eval_dataset=eval_set, processing_class=tokenizer,
                                                 peft_config=peft_config, callbacks=[*callbacks, Perplexity()],
                                                 tokenized_cache=tokenized.cache_dir(recipe), run_dir=run_dir,
-                                                questions=eval_questions(recipe, tokenizer, eval_set, where))
+                                                questions=eval_questions(recipe, tokenizer, eval_set, where),
+                                                samples=samples_file(recipe, run_dir))
         else:
             from launcher import classify
 
@@ -209,6 +210,12 @@ def quiet(trainer, run_dir: Path) -> None:
     hf_logging.disable_progress_bar()
     if trainer.pop_callback(ProgressCallback) is not None:  # absent under disable_tqdm (the dry run)
         trainer.add_callback(QuietProgress(run_dir / "logs" / "metrics.jsonl"))
+
+
+def samples_file(recipe, run_dir: Path) -> Path | None:
+    """Where this rank records the rows it trains on (run.log_samples)."""
+    rank = os.environ.get("RANK", "0")
+    return run_dir / "logs" / f"samples-rank{rank}.jsonl" if recipe.run.log_samples else None
 
 
 def eval_questions(recipe, tokenizer, eval_set, where: str):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -64,11 +63,13 @@ def convert(checkpoint: Path) -> None:
     command = [sys.executable, "-W", "ignore::RuntimeWarning", "-m", "deepspeed.checkpoint.ds_to_universal",
                "--input_folder", str(checkpoint / name.removesuffix("_universal")), "--output_folder",
                str(staging / name), "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    started = time.monotonic()
-    if subprocess.run(command).returncode != 0:  # its progress bars and any error on the console
+    started, log = time.monotonic(), checkpoint.parent.parent / "logs" / f"universal-{checkpoint.name}.log"
+    if (code := _run(command, log)) != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        raise RecipeError(f"{checkpoint}: DeepSpeed's universal conversion failed (its error is above); the "
-                          "checkpoint itself is unchanged: resume with the number of ranks it was saved by")
+        last = next((line for line in reversed(log.read_text(errors="replace").splitlines()) if line.strip()), "")
+        raise RecipeError(f"{checkpoint}: DeepSpeed's universal conversion failed (exit code {code}: {last[:300]}; "
+                          f"all of it: {log}); the checkpoint itself is unchanged: resume with the number of ranks "
+                          "it was saved by")
     os.replace(staging / name, checkpoint / name)
     shutil.rmtree(staging, ignore_errors=True)
     (checkpoint / LATEST).write_text(name)
@@ -83,6 +84,19 @@ def convert(checkpoint: Path) -> None:
     os.replace(tmp, checkpoint / MARKER)
     checkpoints.sync_dir(checkpoint)
     print(f"converted in {time.monotonic() - started:.0f} s: {checkpoint / name}", flush=True)
+
+
+def _run(command: list[str], log: Path) -> int:
+    """The converter's stages (its stdout) on the console; its progress bars and any traceback (stderr) only in LOG,
+    with everything else."""
+    from launcher import console
+
+    with open(os.devnull, "wb") as nowhere:
+        tee = console.Tee(log, verbose=False, console_err=nowhere)
+        try:
+            return tee.popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).wait()
+        finally:
+            tee.close()
 
 
 def wait_for(checkpoint: Path, timeout: float = WAIT) -> None:
