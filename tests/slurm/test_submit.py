@@ -60,7 +60,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path
     recipe = smoke_recipe(tmp_path, training={"max_steps": 60, "eval_strategy": "no", "save_steps": 1000})
     run_dir = tmp_path / "run"
     job, log = submit(recipe, *resume)
-    slurm_cluster.wait_output(job, "'loss'", timeout=300)  # logged every 10 steps: training is under way
+    slurm_cluster.wait_output(job, "loss=", timeout=300)  # on the bar every 10 steps: training is under way
     assert not complete_steps(run_dir)  # and no checkpoint yet (save_steps is beyond max_steps)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
     record = slurm_cluster.wait(job, timeout=600)
@@ -96,3 +96,30 @@ def test_failure_on_one_node_fails_the_job_quickly(slurm_cluster, tmp_path):
     text = Path(log).read_text(errors="replace")
     assert "failed: OSError: injected: cannot read train.jsonl on this node" in text
     assert record["Restarts"] == "0", "a failed job must not requeue itself"
+
+
+def test_stopped_job_resubmitted_on_one_node_continues(slurm_cluster, tmp_path):
+    """A two-node job stopped with USR1 (its requeue cancelled: the queue is shorter now), resubmitted with --nodes 1:
+    it continues from the two-node checkpoint, converted to DeepSpeed's universal format, and completes."""
+    recipe = smoke_recipe(tmp_path, training={"max_steps": 60, "eval_strategy": "no", "save_steps": 1000})
+    run_dir = tmp_path / "run"
+    job, log = submit(recipe)
+    slurm_cluster.wait_output(job, "loss=", timeout=300)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    text = slurm_cluster.wait_output(job, "stopped at step", timeout=300)
+    stopped = int(re.search(r"stopped at step (\d+) on request", text).group(1))
+    slurm_cluster.run("scancel", job)
+    slurm_cluster.wait(job, timeout=120)
+    assert complete_steps(run_dir) == [stopped]
+
+    result = cli("submit", recipe, "--nodes", 1, "--gpus_per_node", 1, env=ENV)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "saved by 2 ranks; this run has 1" in result.stdout
+    again = re.search(r"^submitted job (\d+)$", result.stdout, re.M).group(1)
+    record = slurm_cluster.wait(again, timeout=600)
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), slurm_cluster.describe(again)
+    text = slurm_cluster.output(again)
+    assert "converted in" in text and f"resuming from checkpoint-{stopped}" in text
+    state = json.loads((run_dir / "checkpoints" / "trainer_state.json").read_text())
+    assert state["global_step"] == 60 and (run_dir / "final").is_dir()
+    assert json.loads((run_dir / "ranks" / "rank0.json").read_text())["world_size"] == 1

@@ -62,7 +62,7 @@ def test_stopped_task_requeues_alone_and_resumes(slurm_cluster, tmp_path):
                                               "save_steps": 1000}, run={"consolidate": False})
     job, sweep_dir = sweep(recipe)
     log = sweep_dir / "logs" / f"smoke-sweep-{job}_1.log"
-    slurm_cluster.wait(f"{job}_1", until=lambda _: log.is_file() and "'loss'" in log.read_text(errors="replace"),
+    slurm_cluster.wait(f"{job}_1", until=lambda _: log.is_file() and "loss=" in log.read_text(errors="replace"),
                        what="training", timeout=300)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", f"{job}_1")
     records = [slurm_cluster.wait(f"{job}_{task}", timeout=400) for task in (0, 1)]

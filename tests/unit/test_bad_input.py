@@ -371,9 +371,12 @@ def test_resume_from_a_path_that_does_not_exist(recipe_factory, tmp_path, refuse
     refused(recipe_factory(), "run.resume", str(tmp_path / "gone"), flags=("--resume", tmp_path / "gone"))
 
 
-def test_resume_with_another_world_size(recipe_factory, tmp_path, refused):
-    fake_checkpoint(tmp_path / "run", 75, world=4)
-    refused(recipe_factory(), "checkpoint-75", "4 ranks")
+def test_resume_with_another_global_batch(recipe_factory, tmp_path, refused):
+    """Another number of ranks is fine (launcher/universal.py); another global batch is another experiment."""
+    checkpoint = fake_checkpoint(tmp_path / "run", 75, world=4)
+    marker = json.loads((checkpoint / "complete.json").read_text())
+    (checkpoint / "complete.json").write_text(json.dumps({**marker, "global_batch": 64}))
+    refused(recipe_factory(), "checkpoint-75", "global batch 64 (4 ranks)")
 
 
 # --- what pre-flight lets through: no false alarms ---------------------------------------------------------------
