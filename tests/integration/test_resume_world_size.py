@@ -1,7 +1,8 @@
 """Resuming on another number of ranks, through DeepSpeed's universal checkpoints, on real ranks: a run saved by 2
-ranks continues on 1 (ZeRO-3, full fine-tune) and one saved by 1 continues on 2 (ZeRO-2, LoRA), and each goes on
-as the uninterrupted run does: the same rows at every step (by their hashes, run.log_samples), the same per-step
-losses, Adam's step count, and the weights at the checkpoint as the conversion holds them, bit for bit."""
+ranks continues on 1 and one saved by 1 continues on 2, for ZeRO-3 full fine-tuning and ZeRO-2 LoRA, and each goes
+on as the uninterrupted run (at the saving world size) does: the same rows at every step (by their hashes,
+run.log_samples), the same per-step losses, Adam's step count, and the weights at the checkpoint as the conversion
+holds them, bit for bit."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def assert_conversion_holds_the_weights(checkpoint: Path, out: Path) -> None:
         assert torch.equal(fp32.reshape(saved[name].shape), saved[name]), name
 
 
-@pytest.mark.parametrize(("before", "after", "sections"), [(2, 1, {}), (1, 2, LORA)], ids=["zero3-2to1", "lora-1to2"])
+@pytest.mark.parametrize(("before", "after", "sections"), [(2, 1, {}), (1, 2, {}), (2, 1, LORA), (1, 2, LORA)],
+                         ids=["zero3-2to1", "zero3-1to2", "zero2-lora-2to1", "zero2-lora-1to2"])
 def test_a_run_continues_on_another_number_of_ranks(tmp_path, before, after, sections):
     def recipe(name):
         return smoke_recipe(tmp_path, f"{name}.yaml", training={**TRAINING, **sections.get("training", {})},

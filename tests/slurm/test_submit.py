@@ -103,7 +103,7 @@ def test_stopped_job_resubmitted_on_one_node_continues(slurm_cluster, tmp_path):
     it continues from the two-node checkpoint, converted to DeepSpeed's universal format, and completes."""
     recipe = smoke_recipe(tmp_path, training={"max_steps": 60, "eval_strategy": "no", "save_steps": 1000})
     run_dir = tmp_path / "run"
-    job, log = submit(recipe)
+    job, _ = submit(recipe)
     slurm_cluster.wait_output(job, "loss=", timeout=300)
     slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
     text = slurm_cluster.wait_output(job, "stopped at step", timeout=300)
