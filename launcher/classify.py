@@ -25,7 +25,8 @@ def class_weights(recipe, train_set) -> list[float] | None:
 
 def head_loss(task: str, weights: list[float] | None):
     """The Trainer's compute_loss_func: cross-entropy (with class weights if any) or squared error, summed and
-    divided by the labelled rows of the whole batch (all accumulation steps and ranks), which the Trainer passes.
+    divided by the labelled rows (or tokens: -100 marks the others) of the whole batch (all accumulation steps and
+    ranks), which the Trainer passes; in evaluation, by those of the batch.
 
     Needed even without weights: the Trainer takes any model whose forward has **kwargs (BERT's classifier does)
     to normalise its loss that way, multiplies the loss by the number of ranks, and so would double a 2-rank run's
@@ -40,7 +41,7 @@ def head_loss(task: str, weights: list[float] | None):
         else:
             w = None if weights is None else torch.tensor(weights, dtype=logits.dtype, device=logits.device)
             total = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), weight=w, reduction="sum")
-        return total / (num_items_in_batch if num_items_in_batch is not None else labels.numel())
+        return total / (num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum())
 
     return loss
 
@@ -66,20 +67,29 @@ def regression_metrics(eval_pred) -> dict[str, float]:
 
 
 def make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks, max_length: int):
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding
 
     def encode(ds):
         return ds.map(lambda rows: {**tokenizer(rows["text"], truncation=True, max_length=max_length),
                                     "labels": [target(v, recipe.task, recipe.head.labels) for v in rows["label"]]},
                       batched=True, remove_columns=ds.column_names, desc="tokenizing")
 
+    weights = class_weights(recipe, train_set) if recipe.task == "classification" else None
+    metrics = regression_metrics if recipe.task == "regression" else classification_metrics
+    return build_trainer(model, args, tokenizer, train_set, eval_set, callbacks, encode,
+                         DataCollatorWithPadding(tokenizer), metrics, head_loss(recipe.task, weights))
+
+
+def build_trainer(model, args, tokenizer, train_set, eval_set, callbacks, encode, collator, metrics, loss,
+                  trainer_class=None):
+    """The HF Trainer of a head task, on its rows as ENCODE turns them into features."""
+    from transformers import Trainer
+
     if model.config.pad_token_id is None:  # decoder models have no pad token; batching needs one
         model.config.pad_token_id = tokenizer.pad_token_id
-    weights = class_weights(recipe, train_set) if recipe.task == "classification" else None
     with args.main_process_first(desc="tokenizing"):  # rank 0 fills the datasets cache, the others read it
         train = encode(train_set)
         evaluation = encode(eval_set) if eval_set is not None else None
-    metrics = regression_metrics if recipe.task == "regression" else classification_metrics
-    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
-                   data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics,
-                   compute_loss_func=head_loss(recipe.task, weights), callbacks=callbacks)
+    return (trainer_class or Trainer)(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                                      processing_class=tokenizer, data_collator=collator, compute_metrics=metrics,
+                                      compute_loss_func=loss, callbacks=callbacks)

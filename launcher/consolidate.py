@@ -22,7 +22,7 @@ from pathlib import Path
 
 from launcher import checkpoints, memory, model_card
 from launcher.errors import RecipeError
-from launcher.modeling import auto_class_for, is_classifier, stop_at_end_of_turn
+from launcher.modeling import auto_class, auto_class_for, is_classifier, stop_at_end_of_turn
 from launcher.safetensors_stream import write_model
 from launcher.zero_checkpoint import ZeroCheckpoint
 
@@ -185,7 +185,7 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
     from peft.tuners import lora
     from safetensors import safe_open
     from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     trained = {e.name: zero.tensor(e) for e in zero.unique}
     empty = [n for n, t in trained.items() if "lora_" in n and (t.numel() == 0 or not torch.isfinite(t).all())]
@@ -197,8 +197,10 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
     except (OSError, ValueError) as err:
         raise RecipeError(f"{source}: cannot load the LoRA base model {base_ref} ({str(err).splitlines()[0]}); "
                           "pass --base_model") from None
+    task, head = lora_head(source)
+    config.update(head)
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(config)
+        base = auto_class(task).from_config(config)
     tied = set(getattr(base, "all_tied_weights_keys", {}) or {})
     shapes = {n: tuple(t.shape) for n, t in base.state_dict().items() if n not in tied}
     lora_config = LoraConfig.from_pretrained(str(source))
@@ -215,14 +217,16 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
               if isinstance(m, lora.LoraLayer)}
     plain = all(type(m) in (lora.Linear, lora.Embedding) and not m.lora_variant and not any(m.lora_bias.values())
                 for m in layers.values())
-    if not plain or shapes.keys() - files.keys():  # DoRA & co., or base files named otherwise (converted on load)
-        progress("  this adapter or base needs peft's in-memory merge: the base model is loaded whole, in fp32")
-        return _merge_lora_in_memory(trained, source, base_ref, out, dtype, shard_bytes, progress)
-    if wrong := [n for n, s in shapes.items() if files[n][1] != s]:
-        raise RecipeError(f"{source}: the base model's weights do not match its config.json, e.g. {wrong[:3]}")
-    # the rest of the trained tensors replace the base's (modules_to_save; biases with `bias: all`)
+    # the rest of the trained tensors replace the base's (modules_to_save, a new head; biases with `bias: all`)
     replaced = {n.removeprefix("base_model.model.").replace(".base_layer", "").replace(".modules_to_save.default", "")
                 : t for n, t in trained.items() if "lora_" not in n}
+    prefix = base.base_model_prefix + "."  # an encoder saved without its head names its tensors without it
+    files = {**{prefix + n: f for n, f in files.items() if prefix + n in shapes and n not in shapes}, **files}
+    if not plain or shapes.keys() - files.keys() - replaced.keys():  # DoRA & co., or base files named otherwise
+        progress("  this adapter or base needs peft's in-memory merge: the base model is loaded whole, in fp32")
+        return _merge_lora_in_memory(trained, source, base_ref, out, dtype, shard_bytes, progress)
+    if wrong := [n for n, s in shapes.items() if n not in replaced and files[n][1] != s]:
+        raise RecipeError(f"{source}: the base model's weights do not match its config.json, e.g. {wrong[:3]}")
     if clash := sorted((layers.keys() | replaced.keys()) & tied):
         raise RecipeError(f"{source}: the adapter changes {clash[0]}, which this model ties to another weight; "
                           "the merged model cannot keep both")
@@ -231,7 +235,7 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
         if name in replaced:
             return [replaced[name].reshape(-1)]
         with safe_open(files[name][0], "pt") as f:  # one open per tensor: its pages leave RSS when it closes
-            weight = f.get_tensor(name)
+            weight = f.get_tensor(name if name in f.keys() else name.removeprefix(prefix))  # noqa: SIM118
         if name in layers:
             weight = weight.float() + layers[name].get_delta_weight("default")
         return [weight.reshape(-1)]
@@ -244,7 +248,25 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
               out / "adapter" / "adapter_model.safetensors", metadata={"format": "pt"})
     write_model([(n, s, lambda n=n: merged(n)) for n, s in shapes.items()], out, dtype, shard_bytes,
                 progress=lambda _: None)
-    _write_metadata(source, base_ref, out, dtype, progress)
+    merged_config = {**config.to_dict(), "architectures": [type(base).__name__]}
+    _write_metadata(source, base_ref, out, dtype, progress, merged_config)
+
+
+def lora_head(source: Path) -> tuple[str, dict]:
+    """The task of the run a LoRA checkpoint belongs to, and what its new head adds to the base model's config (its
+    labels; the windows of a reader): peft checkpoints hold the adapter only, the run's recipe says the rest."""
+    from launcher import extractive
+    from launcher.modeling import head_config
+    from launcher.recipe import load as load_recipe
+
+    stored = source.parent.parent / "recipe.yaml"
+    if not stored.is_file():
+        return "sft", {}
+    recipe = load_recipe(str(stored))
+    head = head_config(recipe.task, recipe.head.labels)
+    if recipe.task == "question_answering":
+        head[extractive.CONFIG_KEY] = extractive.windows(recipe)
+    return recipe.task, head
 
 
 def _safetensors_shapes(base_ref: str) -> dict:
@@ -277,10 +299,10 @@ def _merge_lora_in_memory(trained: dict, source: Path, base_ref: str, out: Path,
     """peft's merge_and_unload, for what the streamed merge does not implement: the base is held in fp32."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     try:
-        base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=torch.float32)
+        task, head = lora_head(source)
+        base = auto_class(task).from_pretrained(base_ref, dtype=torch.float32, **head)
     except (OSError, ValueError) as err:
         raise RecipeError(f"{source}: cannot load the LoRA base model {base_ref} ({str(err).splitlines()[0]}); "
                           "pass --base_model") from None
@@ -294,11 +316,11 @@ def _merge_lora_in_memory(trained: dict, source: Path, base_ref: str, out: Path,
     _write_metadata(source, base_ref, out, dtype, progress)
 
 
-def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progress) -> None:
+def _write_metadata(source: Path, config_dir: str, out: Path, dtype: str, progress, config: dict | None = None) -> None:
     """config.json with the dtype written, the tokenizer, and a generation config whose EOS is the chat's end of turn.
     A checkpoint the launcher's worker wrote has a tokenizer and a generation config that already stops there: they
     are copied, so consolidating a full fine-tune never imports transformers (seconds). Others are rebuilt."""
-    config = read_config(config_dir, source)
+    config = config or read_config(config_dir, source)
     config["dtype"] = dtype
     config.pop("torch_dtype", None)  # the older name of the same key
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

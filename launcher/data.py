@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from launcher import head_rows
 from launcher.errors import RecipeError
 from launcher.recipe import DATA_SUFFIXES
 from launcher.schema import DatasetSpec, Recipe
 
 # TRL's dataset formats, by the columns that identify them (first match wins).
 FORMATS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
-LABELLED = ("text", "label")  # classification and regression rows
+# The head tasks' formats, by their columns (first match wins), and each task's formats
+HEAD_FORMATS = {"classification": ("text", "label"), "regression": ("text", "label"), "tags": ("tokens", "tags"),
+                "spans": ("text", "spans"), "squad": ("question", "context", "answers")}
+TASK_FORMATS = {"classification": ("classification",), "regression": ("regression",),
+                "token_classification": ("tags", "spans"), "question_answering": ("squad",)}
 ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -98,14 +103,16 @@ def load_one(spec: DatasetSpec, where: str, key: str, task: str = "sft", labels:
             ds = ds.remove_columns(target) if target in ds.column_names else ds
             ds = ds.rename_column(source, target)
     if task != "sft":
-        fmt = task
-        if any(c not in ds.column_names for c in LABELLED):
-            raise RecipeError(f"{spec.path}: task {task} needs columns 'text' and 'label', it has "
-                              f"{ds.column_names}; map yours with {key}.columns in {where}")
+        fmt = next((f for f in TASK_FORMATS[task] if all(c in ds.column_names for c in HEAD_FORMATS[f])), None)
+        if fmt is None:
+            wanted = " or ".join(" and ".join(", ".join(f"'{c}'" for c in HEAD_FORMATS[f]).rsplit(", ", 1))
+                                 for f in TASK_FORMATS[task])
+            raise RecipeError(f"{spec.path}: task {task} needs columns {wanted}, it has {ds.column_names}; map "
+                              f"yours with {key}.columns in {where}")
     elif not (fmt := next((f for f, cols in FORMATS.items() if all(c in ds.column_names for c in cols)), None)):
         raise RecipeError(f"{spec.path}: columns {ds.column_names} match no format (messages, prompt+completion or "
                           f"text); map yours with {key}.columns in {where}")
-    ds = ds.select_columns(list(FORMATS.get(fmt, LABELLED)))
+    ds = ds.select_columns(list(FORMATS.get(fmt) or HEAD_FORMATS[fmt]))
     if len(ds) == 0:
         raise RecipeError(f"{spec.path}: no rows ({key} in {where}); give a file with at least one row")
     number = 0  # fail on the first malformed row, by its 1-based number, before any rank trains on it
@@ -116,6 +123,8 @@ def load_one(spec: DatasetSpec, where: str, key: str, task: str = "sft", labels:
     except UnicodeDecodeError:  # pyarrow's JSON reader lets bytes that are not UTF-8 through, into the strings
         problem = file_problem(local) or f"row {number + 1}: not UTF-8 text; re-encode the file as UTF-8"
         raise RecipeError(f"{spec.path}: {problem}") from None
+    if fmt == "spans":  # one form for training: words and their tags
+        ds = ds.map(head_rows.to_tags, remove_columns=ds.column_names, desc="spans to tags")
     return ds
 
 
@@ -169,6 +178,8 @@ def _row_problem(row: dict, fmt: str, labels: list[str]) -> str | None:
     for column, value in row.items():
         if value is None:  # a key missing from this row (JSON Lines) or an empty cell (CSV)
             return f"has no '{column}'"
+    if fmt in HEAD_PROBLEMS:
+        return HEAD_PROBLEMS[fmt](row, labels)
     if fmt == "messages":
         messages = row["messages"]
         if not isinstance(messages, list):
@@ -198,6 +209,10 @@ def _row_problem(row: dict, fmt: str, labels: list[str]) -> str | None:
         isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(labels))
     return None if ok else (f"'label' is {value!r}; it must be one of head.labels {labels} or an id from 0 to "
                             f"{len(labels) - 1}")
+
+
+HEAD_PROBLEMS = {"tags": head_rows.tags_problem, "spans": head_rows.spans_problem,
+                 "squad": lambda row, labels: head_rows.squad_problem(row)}
 
 
 def label_id(value, labels: list[str]) -> int:

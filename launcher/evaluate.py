@@ -12,10 +12,10 @@ import json
 import math
 from pathlib import Path
 
-from launcher import answers, classify
+from launcher import answers, classify, extractive, tagging
 from launcher.data import load_one
 from launcher.errors import RecipeError
-from launcher.modeling import auto_class_for, is_classifier
+from launcher.modeling import auto_class_for, is_classifier, task_of
 from launcher.preflight import GENERATION_MARKERS
 from launcher.schema import DatasetSpec
 
@@ -24,7 +24,6 @@ def evaluate(model_dir: str, data: str, split: str = "train", output: str | None
              max_rows: int | None = None, prompts: int = 3, max_new_tokens: int = 48) -> dict:
     directory = Path(model_dir)
     config = read_config(directory)
-    classifier = is_classifier(config)
     local = Path(data).expanduser()
     if not local.exists() and (local.suffix or data.count("/") != 1):  # nor a hub id (owner/name)
         raise RecipeError(f"command line: --data '{data}' does not exist")
@@ -32,7 +31,7 @@ def evaluate(model_dir: str, data: str, split: str = "train", output: str | None
 
     datasets.disable_progress_bars()  # a bad row's one line must be the only thing said
     spec = DatasetSpec(path=str(local.absolute()) if local.exists() else data, split=split)
-    rows = load_one(spec, "command line", "--data", task_of(config), labels_of(config) if classifier else [])
+    rows = load_one(spec, "command line", "--data", task_of(config), labels_of(config))
     if max_rows:
         rows = rows.select(range(min(max_rows, len(rows))))
     out = Path(output) if output else directory / f"metrics-{Path(data).stem}.json"
@@ -58,7 +57,7 @@ def evaluate_rows(directory: Path, config: dict, rows, data: str, out: Path, bat
     print(f"evaluating {directory} ({config['architectures'][0]}, {dtype} on {device}) on {data}: {len(rows)} rows",
           flush=True)
     with torch.no_grad():
-        metrics = (_classifier_metrics(model, tokenizer, rows, task, labels_of(config), batch_size) if classifier
+        metrics = (HEAD_METRICS[task](model, tokenizer, rows, task, config, batch_size) if classifier
                    else _lm_metrics(model, tokenizer, rows, prompts, max_new_tokens, batch_size))
     result = {"model": str(directory.absolute()), "data": data, "rows": len(rows), "task": task,
               "device": device, "dtype": dtype, **metrics}
@@ -81,14 +80,9 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def task_of(config: dict) -> str:
-    if not is_classifier(config):
-        return "sft"
-    return "regression" if config.get("problem_type") == "regression" or config.get("num_labels") == 1 else \
-        "classification"
-
-
 def labels_of(config: dict) -> list[str]:
+    if task_of(config) not in ("classification", "token_classification"):
+        return []
     return [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
 
 
@@ -98,9 +92,10 @@ def device_and_dtype(config: dict, cuda: bool) -> tuple[str, str]:
     return ("cuda" if cuda else "cpu"), config.get("dtype") or config.get("torch_dtype") or "float32"
 
 
-def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], batch_size: int) -> dict:
+def _classifier_metrics(model, tokenizer, rows, task: str, config: dict, batch_size: int) -> dict:
     import torch
 
+    labels = labels_of(config)
     outputs, targets = [], []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
@@ -114,6 +109,50 @@ def _classifier_metrics(model, tokenizer, rows, task: str, labels: list[str], ba
     target = torch.tensor(targets)
     return {"loss": torch.nn.functional.cross_entropy(logits, target).item(),
             **classify.scores(logits.argmax(-1).numpy(), target.numpy(), len(labels)), "labels": labels}
+
+
+def _tagger_metrics(model, tokenizer, rows, task: str, config: dict, batch_size: int) -> dict:
+    """The trainer's own alignment (each word's first sub-token) and entity scores (launcher/tagging.py)."""
+    import torch
+
+    labels, length = labels_of(config), min(tokenizer.model_max_length, 4096)
+    predicted, gold, total, count = [], [], 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        encoded = tagging.align(tokenizer, rows[start : start + batch_size], labels, length)
+        target = encoded.pop("labels")
+        batch = tokenizer.pad(encoded, return_tensors="pt").to(model.device)
+        logits = model(**batch).logits.float().cpu()
+        target = torch.tensor([t + [tagging.IGNORED] * (logits.shape[1] - len(t)) for t in target])
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
+        count += int((target != tagging.IGNORED).sum())
+        p, g = tagging.decode(logits.argmax(-1).numpy(), target.numpy(), labels)
+        predicted, gold = predicted + p, gold + g
+    return {"loss": total / max(count, 1), **tagging.scores(predicted, gold), "labels": labels}
+
+
+def _reader_metrics(model, tokenizer, rows, task: str, config: dict, batch_size: int) -> dict:
+    """The windows the model was trained with (its config keeps them) and the trainer's best-span search."""
+    import numpy as np
+
+    size = config.get(extractive.CONFIG_KEY) or {"max_length": min(tokenizer.model_max_length, 512)}
+    size.setdefault("stride", size["max_length"] // 4)
+    encoded, origin, offsets = extractive.features(tokenizer, rows, size["max_length"], size["stride"])
+    starts, ends = [], []
+    for first in range(0, len(origin), batch_size):
+        window = {k: v[first : first + batch_size] for k, v in encoded.items() if not k.endswith("_positions")}
+        out = model(**tokenizer.pad(window, return_tensors="pt").to(model.device))
+        starts += list(out.start_logits.float().cpu().numpy())
+        ends += list(out.end_logits.float().cpu().numpy())
+    width = max(len(s) for s in starts)
+    pad = lambda xs: np.stack([np.pad(x, (0, width - len(x)), constant_values=-100) for x in xs])  # noqa: E731
+    predicted = extractive.best_answers(pad(starts), pad(ends), origin, offsets, rows["context"])
+    return {**extractive.scores(predicted, [a["text"] for a in rows["answers"]]), "windows": len(origin),
+            "samples": [{"question": q, "reference": a["text"][0], "predicted": p}
+                        for q, a, p in zip(rows["question"][:3], rows["answers"][:3], predicted, strict=False)]}
+
+
+HEAD_METRICS = {"classification": _classifier_metrics, "regression": _classifier_metrics,
+                "token_classification": _tagger_metrics, "question_answering": _reader_metrics}
 
 
 def _lm_metrics(model, tokenizer, rows, prompts: int, max_new_tokens: int, batch_size: int) -> dict:
@@ -201,5 +240,5 @@ def render(result: dict) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     for sample in result.get("samples", []):
-        lines += ["", *(f"{key + ':':<11}{sample[key]}" for key in ("prompt", "reference", "generated"))]
+        lines += ["", *(f"{key + ':':<11}{value}" for key, value in sample.items())]
     return "\n".join(lines)

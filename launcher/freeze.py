@@ -10,13 +10,13 @@ import fnmatch
 import re
 
 from launcher.errors import RecipeError
-from launcher.modeling import parameter_count
+from launcher.modeling import HEAD_NAMES, parameter_count
 from launcher.schema import FreezeSection
 
 # `model.layers.3.`, `bert.encoder.layer.3.`, `transformer.h.3.`, `blocks.3.`: the index of a transformer layer.
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 EMBEDDINGS = re.compile(r"(?:^|\.)(?:embeddings|embed_tokens|embed_positions|wte|wpe)(?:\.|$)")
-HEADS = ("classifier.", "score.", "lm_head.")  # sequence-classification heads (encoders, decoders), the LM head
+HEADS = (*(f"{name}." for name in HEAD_NAMES), "lm_head.")  # the task heads (encoders, decoders), the LM head
 
 
 def frozen_names(names: list[str], freeze: FreezeSection | None, where: str) -> set[str]:

@@ -42,28 +42,50 @@ def _declares_generic_class(ref: str) -> bool:
             and config.get("tokenizer_class") in GENERIC_TOKENIZERS)
 
 
+# Each task's Auto class, and the architecture-name suffix that marks a saved model of that task.
+AUTO_CLASSES = {"sft": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
+                "regression": "AutoModelForSequenceClassification",
+                "token_classification": "AutoModelForTokenClassification",
+                "question_answering": "AutoModelForQuestionAnswering"}
+SUFFIXES = {"ForSequenceClassification": "classification", "ForTokenClassification": "token_classification",
+            "ForQuestionAnswering": "question_answering"}
+HEAD_NAMES = ("classifier", "score", "qa_outputs")  # the new heads' module names in transformers' models
+# peft's task types: each wraps the model so that the new head trains in full (modules_to_save)
+PEFT_TASKS = {"sft": "CAUSAL_LM", "classification": "SEQ_CLS", "regression": "SEQ_CLS",
+              "token_classification": "TOKEN_CLS", "question_answering": "QUESTION_ANS"}
+
+
 def auto_class(task: str):
     import transformers
 
-    return transformers.AutoModelForCausalLM if task == "sft" else transformers.AutoModelForSequenceClassification
+    return getattr(transformers, AUTO_CLASSES[task])
+
+
+def task_of(config: dict) -> str:
+    """The task of a saved model, from the architecture its config.json names: sft for a causal LM."""
+    architecture = (config.get("architectures") or [""])[0]
+    task = next((t for suffix, t in SUFFIXES.items() if architecture.endswith(suffix)), "sft")
+    if task == "classification" and (config.get("problem_type") == "regression" or config.get("num_labels") == 1):
+        return "regression"
+    return task
 
 
 def is_classifier(config: dict) -> bool:
-    """Whether a saved model's config.json names a sequence-classification (or regression) head."""
-    return (config.get("architectures") or [""])[0].endswith("ForSequenceClassification")
+    """Whether a saved model's config.json names a task head (it predicts labels, spans or numbers, not text)."""
+    return task_of(config) != "sft"
 
 
 def auto_class_for(config: dict):
     """The Auto class that builds a saved model, from the architecture its config.json names."""
-    return auto_class("classification" if is_classifier(config) else "sft")
+    return auto_class(task_of(config))
 
 
-def head_config(recipe: Recipe) -> dict:
-    if recipe.task == "classification":
-        labels = recipe.head.labels
+def head_config(task: str, labels: list[str]) -> dict:
+    """What a task's new head puts in the model's config: its labels (id2label), or one output for regression."""
+    if task in ("classification", "token_classification"):
         return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                 "label2id": {name: i for i, name in enumerate(labels)}}
-    if recipe.task == "regression":
+    if task == "regression":
         return {"num_labels": 1, "problem_type": "regression"}
     return {}
 
@@ -73,7 +95,7 @@ def model_config(recipe: Recipe):
 
     m = recipe.model
     config = AutoConfig.from_pretrained(m.config or m.name_or_path, trust_remote_code=m.trust_remote_code)
-    config.update(head_config(recipe))
+    config.update(head_config(recipe.task, recipe.head.labels))
     return config
 
 
@@ -103,7 +125,8 @@ def load_model(recipe: Recipe, on_gpu: bool):
             raise RecipeError(f"lora.quantize {recipe.lora.quantize} (QLoRA) needs a CUDA GPU (bitsandbytes); "
                               "set lora.quantize: none for a CPU run")
         kwargs["quantization_config"] = quantization_config(recipe)
-    return cls.from_pretrained(m.name_or_path, dtype=dtype, **head_config(recipe), **kwargs)
+    head = head_config(recipe.task, recipe.head.labels)
+    return cls.from_pretrained(m.name_or_path, dtype=dtype, **head, **kwargs)
 
 
 def quantization_config(recipe: Recipe):
@@ -136,8 +159,24 @@ def lora_config(recipe: Recipe, model, where: str):
                 linear = {n.rsplit(".", 1)[-1] for n, mod in modules.items() if isinstance(mod, torch.nn.Linear)}
                 raise RecipeError(f"{where}: lora.{key} '{target}' matches no module of the model; it has "
                                   f"{', '.join(sorted(linear))}")
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type="CAUSAL_LM",
-                      target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None)
+    # the new head trains in full: never a LoRA target too (all-linear would make it one)
+    heads = [n for n in HEAD_NAMES if n in modules] if recipe.task not in ("sft", "classification", "regression") \
+        else None  # peft leaves a sequence classifier's head out of all-linear itself
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=PEFT_TASKS[recipe.task],
+                      target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
+                      exclude_modules=heads or None)
+
+
+def with_adapters(model, peft_config, recipe: Recipe, checkpointing: bool):
+    """A head task's model with LoRA adapters (peft; its task type trains the new head in full, modules_to_save),
+    prepared as TRL prepares an SFT model: k-bit layers for QLoRA, inputs that carry gradients for checkpointing."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if recipe.lora.quantize != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:  # the frozen embeddings give no gradient to checkpointed layers otherwise
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
 
 
 def parameter_count(model, trainable_only: bool = False) -> int:

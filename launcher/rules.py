@@ -99,28 +99,36 @@ def check_precision(recipe: Recipe, config: dict | None, where: str) -> None:
 
 def check_task(recipe: Recipe, where: str) -> None:
     head, task = recipe.head, recipe.task
-    headed = bool(head.labels) or head.class_weights is not None
-    if task == "sft" and headed:
-        fail(where, "head", "is for task classification or regression; this recipe's task is sft")
+    if task == "sft" and (head.labels or head.class_weights is not None or head.stride is not None):
+        fail(where, "head", "is for the head tasks (classification, regression, token_classification, "
+             "question_answering); this recipe's task is sft")
     if task != "sft":
         for key in recipe.training:
             if key in sft_fields.sft_only() and key not in SHARED_WITH_SFT:
                 fail(where, f"training.{key}", f"is an SFT option; task {task} trains with the HF Trainer, which "
                      "ignores it: remove it")
-        if recipe.lora:
-            fail(where, "lora", f"is not supported with task {task} yet; fine-tune the head with freeze instead")
-    if task == "classification":
+    if head.class_weights is not None and task != "classification":
+        fail(where, "head.class_weights", f"weighs the labels of task classification; this recipe's task is {task}")
+    if head.stride is not None and task != "question_answering":
+        fail(where, "head.stride", f"sets the windows of question_answering contexts; this recipe's task is {task}")
+    if task in ("classification", "token_classification"):
+        kind = "labels, in id order: [negative, positive]" if task == "classification" else "tags: [O, B-PER, I-PER]"
         if len(head.labels) < 2:
-            fail(where, "head.labels", "must name at least two labels for task classification, in id order: "
-                 "[negative, positive]")
+            fail(where, "head.labels", f"must name at least two {kind} for task {task}")
         if len(set(head.labels)) != len(head.labels):
             fail(where, "head.labels", f"has a label twice: {head.labels}")
         weights = head.class_weights
         if isinstance(weights, list) and (len(weights) != len(head.labels) or min(weights) <= 0):
             fail(where, "head.class_weights", f"must be {len(head.labels)} positive numbers (one per label in "
                  "head.labels), or balanced")
-    if task == "regression" and headed:
-        fail(where, "head", "labels and class_weights are for classification; regression predicts one number")
+    if task in ("regression", "question_answering") and head.labels:
+        fail(where, "head.labels", f"names labels, and task {task} has none: " + (
+            "regression predicts one number" if task == "regression" else "its answers are spans of the context"))
+    if task == "question_answering":
+        length = ds_config.training_value(recipe, "max_length") or 0
+        if (head.stride or length // 4) * 2 > length:  # the question shares the window too
+            fail(where, "head.stride", f"is {head.stride}, more than half of training.max_length {length}: each "
+                 "window would advance by less than the part it shares")
     if recipe.freeze and recipe.lora:
         fail(where, "freeze", "and lora both choose what trains: LoRA already freezes the base model; remove one")
     for key in ("score_answers", "eval_answers"):

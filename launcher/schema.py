@@ -164,11 +164,15 @@ class WandbSection:
 
 @dataclass
 class HeadSection:
-    labels: list[str] = doc("classification: the label names, in id order; rows give a name or an id. Kept in the "
-                            "model's config (id2label).", factory=list)
+    labels: list[str] = doc("classification: the label names, in id order; rows give a name or an id. "
+                            "token_classification: the tags, e.g. [O, B-PER, I-PER]. Kept in the model's config "
+                            "(id2label).", factory=list)
     class_weights: list[float] | Literal["balanced"] | None = doc(
         "classification: loss weight per label (in label order), or balanced (inverse label frequency in the "
         "training rows); default: none.", default=None)
+    stride: int | None = doc("question_answering: tokens that consecutive windows of a long context share (a "
+                             "context longer than training.max_length is read in windows); default: a quarter of "
+                             "max_length.", POSITIVE, default=None)
 
 
 @dataclass
@@ -185,10 +189,12 @@ class Recipe:
     run: RunSection = doc("Name and place of the run.")
     model: ModelSection = doc("What to fine-tune.")
     data: DataSection = doc("What to train and evaluate on.")
-    task: Literal["sft", "classification", "regression"] = doc(
-        "sft: chat/completion SFT with TRL's SFTTrainer; classification or regression: a sequence-classification "
-        "head on the model (rows: text + label), trained with the HF Trainer.", default="sft")
-    head: HeadSection = doc("Labels and class weights of the classification head.", factory=HeadSection)
+    task: Literal["sft", "classification", "regression", "token_classification", "question_answering"] = doc(
+        "sft: chat/completion SFT with TRL's SFTTrainer. The others put a new head on the model, trained with the HF "
+        "Trainer: classification or regression (rows: text + label), token_classification (rows: tokens + tags, or "
+        "text + spans), question_answering (extractive; rows: question, context, answers as in SQuAD).",
+        default="sft")
+    head: HeadSection = doc("Labels and class weights of the head.", factory=HeadSection)
     freeze: FreezeSection | None = doc("Parameters kept frozen; the task's head always trains. Absent = none.",
                                        default=None)
     training: dict[str, Any] = doc("TRL SFTConfig arguments, by their SFTConfig names (`launcher keys training`).",

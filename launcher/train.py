@@ -189,13 +189,21 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
                                                 questions=eval_questions(recipe, tokenizer, eval_set, where),
                                                 samples=samples_file(recipe, run_dir))
         else:
-            from launcher import classify
+            import importlib
 
-            trainer = classify.make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks,
-                                            ds_config.training_value(recipe, "max_length"))
+            if peft_config is not None:  # TRL's SFTTrainer wraps its own; the HF Trainer takes a wrapped model
+                model = modeling.with_adapters(model, peft_config, recipe, args.gradient_checkpointing)
+            trainer = importlib.import_module(f"launcher.{HEAD_MODULES[recipe.task]}").make_trainer(
+                recipe, model, args, tokenizer, train_set, eval_set, callbacks,
+                ds_config.training_value(recipe, "max_length"))
     if not os.environ.get(console.VERBOSE):
         quiet(trainer, run_dir)
     return Built(trainer, tokenizer, train_set, eval_set, trainable, stopper, throughput)
+
+
+# the module that builds each head task's HF Trainer
+HEAD_MODULES = {"classification": "classify", "regression": "classify", "token_classification": "tagging",
+                "question_answering": "extractive"}
 
 
 def quiet(trainer, run_dir: Path) -> None:
@@ -242,6 +250,8 @@ def training_arguments(recipe, stage: int) -> dict[str, Any]:
     # the HF Trainer counts tokens only when asked: for SFT every position (TRL counts the non-padding ones: the two
     # give the share of padding), for a head the non-padding ones (its tokens/s)
     training.setdefault("include_num_input_tokens_seen", "all" if recipe.task == "sft" else "non_padding")
+    if recipe.task == "question_answering":  # the Trainer reads the eval labels under these names
+        training.setdefault("label_names", ["start_positions", "end_positions"])
     checkpointing = training.get("activation_checkpointing") or training.get("gradient_checkpointing")
     if recipe.lora and stage == 3 and checkpointing:
         given = training.pop("activation_checkpointing_kwargs", None) or training.pop("gradient_checkpointing_kwargs",
