@@ -34,7 +34,7 @@ def test_shipped_files_exist():
 
 
 # The CPU demos' global batch of 32 fits up to 2 ranks of 16; the GPU recipes are made for 8 GPUs a node.
-CPU_DEMOS = ("smoke.yaml", "sentiment.yaml")
+CPU_DEMOS = ("smoke.yaml", "sentiment.yaml", "ner.yaml", "qa.yaml")
 PLANS = [(r, n) for r in RECIPES for n in ((1, 2) if r.name in CPU_DEMOS else (1, 8))]
 
 

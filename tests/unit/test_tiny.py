@@ -17,6 +17,7 @@ CONFIGS = {
     "recipes/llama-3.1-8b/lora.yaml": REPO / "recipes/llama-3.1-8b/config.json",
     "recipes/llama-3.1-70b/lora.yaml": REPO / "recipes/llama-3.1-70b/config.json",
     "recipes/sentiment.yaml": REPO / "recipes/sentiment/model/config.json",
+    "recipes/ner.yaml": REPO / "recipes/ner/model/config.json",
 }
 
 
