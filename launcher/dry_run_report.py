@@ -107,31 +107,61 @@ def inspect_sft(report: Report, dry, built) -> None:
 
 
 def inspect_head(report: Report, dry, built) -> None:
-    """A classification or regression head: token lengths, labels seen, what trains."""
-    train_set = built.train_set
-    lengths = [len(ids) for ids in built.tokenizer(list(train_set["text"]))["input_ids"]]
+    """A task head: token lengths (of the features the trainer built: windows for a reader), labels seen, an
+    example, what trains."""
+    train_set, labels = built.train_set, dry.head.labels
+    lengths = [len(ids) for ids in built.trainer.train_dataset["input_ids"]]
     length_line(report, lengths, ds_config.training_value(dry, "max_length"))
     with report.stage("labels"):
-        if dry.task == "classification":
-            seen = {name: 0 for name in dry.head.labels}
-            for value in train_set["label"]:
-                seen[dry.head.labels[data.label_id(value, dry.head.labels)]] += 1
+        if dry.task in ("classification", "token_classification"):
+            values = train_set["label"] if dry.task == "classification" else [t for ts in train_set["tags"] for t in ts]
+            seen = {name: 0 for name in labels}
+            for value in values:
+                seen[labels[data.label_id(value, labels)]] += 1
             text = ", ".join(f"{name} {n}" for name, n in seen.items())
             missing = [name for name, n in seen.items() if n == 0]
             report.add("labels", f"in the first {len(train_set)} rows: {text}"
                        + (f" (none of {', '.join(missing)} here)" if missing else ""))
-        else:
+        elif dry.task == "regression":
             values = [float(v) for v in train_set["label"]]
             report.add("labels", f"regression targets from {min(values):.4g} to {max(values):.4g}")
-        report.lines.append(f"      example: {train_set[0]['text'][:SHOWN_CHARS]!r} -> {train_set[0]['label']!r}")
+        else:
+            report.add("labels", f"{len(train_set)} questions read in {len(lengths)} windows")
+        report.lines.append(f"      example: {example(train_set[0])}")
     report.add("trainable", freeze.describe(*built.trainable))
+
+
+def example(row: dict) -> str:
+    if "tokens" in row:
+        return " ".join(f"{w}/{t}" for w, t in zip(row["tokens"], row["tags"], strict=True))[:SHOWN_CHARS]
+    if "question" in row:
+        return f"{row['question'][:SHOWN_CHARS]!r} -> {row['answers']['text'][0]!r}"
+    return f"{row['text'][:SHOWN_CHARS]!r} -> {row['label']!r}"
 
 
 def predict(model, tokenizer, row: dict, task: str) -> str:
     """The reloaded head's answer for the first row."""
     import torch
 
+    from launcher import extractive, tagging
+
     with torch.no_grad():
+        if task == "token_classification":
+            encoded = tagging.align(tokenizer, {"tokens": [row["tokens"]], "tags": [row["tags"]]},
+                                    list(model.config.id2label.values()), tokenizer.model_max_length)
+            gold = encoded.pop("labels")
+            logits = model(**tokenizer.pad(encoded, return_tensors="pt")).logits.argmax(-1).numpy()
+            (tags,), _ = tagging.decode(logits, torch.tensor(gold).numpy(), list(model.config.id2label.values()))
+            return f"{' '.join(row['tokens'])[:80]!r} -> {' '.join(tags)} (tags {' '.join(map(str, row['tags']))})"
+        if task == "question_answering":
+            rows = {k: [row[k]] for k in ("question", "context", "answers")}
+            size = getattr(model.config, extractive.CONFIG_KEY, None) or {"max_length": 384, "stride": 96}
+            encoded, origin, offsets = extractive.features(tokenizer, rows, size["max_length"], size["stride"])
+            out = model(**tokenizer.pad({k: v for k, v in encoded.items() if "_positions" not in k},
+                                        return_tensors="pt"))
+            (answer,) = extractive.best_answers(out.start_logits.numpy(), out.end_logits.numpy(), origin, offsets,
+                                                rows["context"])
+            return f"{row['question'][:80]!r} -> {answer!r} (answer {row['answers']['text'][0]!r})"
         logits = model(**tokenizer(row["text"], return_tensors="pt", truncation=True)).logits[0]
     answer = f"{logits.item():.4g}" if task == "regression" else model.config.id2label[int(logits.argmax())]
     return f"{row['text'][:80]!r} -> {answer} (label {row['label']!r})"
