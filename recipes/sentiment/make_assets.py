@@ -36,16 +36,17 @@ def review(rng: random.Random) -> dict:
     return {"text": text[0].upper() + text[1:], "label": "positive" if positive else "negative"}
 
 
-def tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+def tokenizer(texts: list[str], vocab_size: int = 300, max_length: int = 64) -> PreTrainedTokenizerFast:
     wordpiece = Tokenizer(models.WordPiece(unk_token=SPECIAL["unk_token"]))
     wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
     wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=list(SPECIAL.values()), show_progress=False)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
+                                        show_progress=False)
     wordpiece.train_from_iterator(texts, trainer)
     cls, sep = (wordpiece.token_to_id(SPECIAL[k]) for k in ("cls_token", "sep_token"))
     wordpiece.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=64, **SPECIAL)
+    return PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=max_length, **SPECIAL)
 
 
 def main(out: Path) -> None:

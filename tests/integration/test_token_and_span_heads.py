@@ -61,3 +61,21 @@ def test_lora_classifier_consolidates_to_base_plus_adapter(tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
     head = adapted.base_model.model.classifier.modules_to_save["default"].weight
     assert not torch.equal(head, base.classifier.original_module.weight)  # the new head trained, in full
+
+
+def test_qa_recipe_reads_long_contexts_in_windows_and_evaluate_agrees(tmp_path):
+    from transformers import AutoModelForQuestionAnswering
+
+    launch(shipped_recipe(REPO / "recipes" / "qa.yaml", tmp_path), "--nproc_per_node", 2)
+    run_dir = tmp_path / "run"
+    final = last_eval(run_dir)
+    assert final["eval_exact_match"] >= 0.7, final  # chance: near 0 (the span must match exactly)
+    model = AutoModelForQuestionAnswering.from_pretrained(run_dir / "final")
+    assert model.config.qa_windows == {"max_length": 48, "stride": 12}
+    evaluated = cli("evaluate", run_dir / "final", "--data", REPO / "recipes/qa/data/eval.jsonl",
+                    "--output", tmp_path / "metrics.json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["windows"] > metrics["rows"]  # some contexts needed more than one window
+    for key in ("exact_match", "f1"):
+        assert metrics[key] == pytest.approx(final[f"eval_{key}"], abs=1e-9), key

@@ -18,6 +18,7 @@ CONFIGS = {
     "recipes/llama-3.1-70b/lora.yaml": REPO / "recipes/llama-3.1-70b/config.json",
     "recipes/sentiment.yaml": REPO / "recipes/sentiment/model/config.json",
     "recipes/ner.yaml": REPO / "recipes/ner/model/config.json",
+    "recipes/qa.yaml": REPO / "recipes/qa/model/config.json",
 }
 
 
