@@ -254,19 +254,18 @@ def _merge_lora(zero: ZeroCheckpoint, source: Path, base_ref: str, out: Path, dt
 
 def lora_head(source: Path) -> tuple[str, dict]:
     """The task of the run a LoRA checkpoint belongs to, and what its new head adds to the base model's config (its
-    labels; the windows of a reader): peft checkpoints hold the adapter only, the run's recipe says the rest."""
-    from launcher import extractive
+    labels; the windows of a reader): peft checkpoints hold the adapter only, the run's stored recipe says the rest.
+    Read as plain data, not validated again: its data files may have moved since."""
+    from launcher import extractive, sft_fields
     from launcher.modeling import head_config
-    from launcher.recipe import load as load_recipe
 
-    stored = source.parent.parent / "recipe.yaml"
-    if not stored.is_file():
-        return "sft", {}
-    recipe = load_recipe(str(stored))
-    head = head_config(recipe.task, recipe.head.labels)
-    if recipe.task == "question_answering":
-        head[extractive.CONFIG_KEY] = extractive.windows(recipe)
-    return recipe.task, head
+    recipe = model_card.recipe_of(source)
+    task, head = recipe.get("task", "sft"), recipe.get("head") or {}
+    extra = head_config(task, head.get("labels") or [])
+    if task == "question_answering":
+        length = (recipe.get("training") or {}).get("max_length") or sft_fields.fields()["max_length"].default
+        extra[extractive.CONFIG_KEY] = extractive.window_sizes(length, head.get("stride"))
+    return task, extra
 
 
 def _safetensors_shapes(base_ref: str) -> dict:

@@ -23,8 +23,11 @@ CONFIG_KEY = "qa_windows"  # in the model's config.json: the windows it was trai
 def windows(recipe) -> dict[str, int]:
     from launcher import ds_config
 
-    length = ds_config.training_value(recipe, "max_length")
-    return {"max_length": length, "stride": recipe.head.stride or length // 4}
+    return window_sizes(ds_config.training_value(recipe, "max_length"), recipe.head.stride)
+
+
+def window_sizes(max_length: int, stride: int | None) -> dict[str, int]:
+    return {"max_length": max_length, "stride": stride or max_length // 4}
 
 
 def features(tokenizer, rows, max_length: int, stride: int) -> tuple[dict, list[int], list[list]]:
