@@ -118,7 +118,13 @@ def tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
 
 def main(out: Path) -> None:
     rng = random.Random(0)
-    splits = {name: [sentence(rng) for _ in range(n)] for name, n in ROWS.items()}
+    splits = {"train": [sentence(rng) for _ in range(ROWS["train"])], "eval": []}
+    seen = {tuple(row["tokens"]) for row in splits["train"]}
+    while len(splits["eval"]) < ROWS["eval"]:  # the short templates repeat: keep eval's sentences out of train
+        row = sentence(rng)
+        if tuple(row["tokens"]) not in seen:
+            seen.add(tuple(row["tokens"]))
+            splits["eval"].append(row)
     assert all(tag in TAGS for rows in splits.values() for row in rows for tag in row["tags"])
     (out / "data").mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
