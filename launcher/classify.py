@@ -80,8 +80,7 @@ def make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks,
                          DataCollatorWithPadding(tokenizer), metrics, head_loss(recipe.task, weights))
 
 
-def build_trainer(model, args, tokenizer, train_set, eval_set, callbacks, encode, collator, metrics, loss,
-                  trainer_class=None):
+def build_trainer(model, args, tokenizer, train_set, eval_set, callbacks, encode, collator, metrics, loss):
     """The HF Trainer of a head task, on its rows as ENCODE turns them into features."""
     from transformers import Trainer
 
@@ -90,6 +89,5 @@ def build_trainer(model, args, tokenizer, train_set, eval_set, callbacks, encode
     with args.main_process_first(desc="tokenizing"):  # rank 0 fills the datasets cache, the others read it
         train = encode(train_set)
         evaluation = encode(eval_set) if eval_set is not None else None
-    return (trainer_class or Trainer)(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                                      processing_class=tokenizer, data_collator=collator, compute_metrics=metrics,
-                                      compute_loss_func=loss, callbacks=callbacks)
+    return Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+                   data_collator=collator, compute_metrics=metrics, compute_loss_func=loss, callbacks=callbacks)

@@ -159,9 +159,9 @@ def lora_config(recipe: Recipe, model, where: str):
                 linear = {n.rsplit(".", 1)[-1] for n, mod in modules.items() if isinstance(mod, torch.nn.Linear)}
                 raise RecipeError(f"{where}: lora.{key} '{target}' matches no module of the model; it has "
                                   f"{', '.join(sorted(linear))}")
-    # the new head trains in full: never a LoRA target too (all-linear would make it one)
-    heads = [n for n in HEAD_NAMES if n in modules] if recipe.task not in ("sft", "classification", "regression") \
-        else None  # peft leaves a sequence classifier's head out of all-linear itself
+    # the new head trains in full, so never a LoRA target too; peft keeps SEQ_CLS heads out of all-linear itself
+    # (and warns when told again), not the others
+    heads = [n for n in HEAD_NAMES if n in modules] if PEFT_TASKS[recipe.task] in ("TOKEN_CLS", "QUESTION_ANS") else []
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, task_type=PEFT_TASKS[recipe.task],
                       target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or None,
                       exclude_modules=heads or None)
