@@ -136,7 +136,7 @@ def _reader_metrics(model, tokenizer, rows, task: str, config: dict, batch_size:
 
     size = config.get(extractive.CONFIG_KEY) or {"max_length": min(tokenizer.model_max_length, 512)}
     size.setdefault("stride", size["max_length"] // 4)
-    encoded, origin, offsets = extractive.features(tokenizer, rows, size["max_length"], size["stride"])
+    encoded, origin, offsets = extractive.features(tokenizer, rows, size["max_length"], size["stride"], "--data")
     starts, ends = [], []
     for first in range(0, len(origin), batch_size):
         window = {k: v[first : first + batch_size] for k, v in encoded.items() if not k.endswith("_positions")}

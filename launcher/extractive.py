@@ -15,6 +15,7 @@ import string
 import numpy as np
 
 from launcher import answers
+from launcher.errors import RecipeError
 
 MAX_ANSWER = 30  # tokens; SQuAD's evaluation scripts use 30
 CONFIG_KEY = "qa_windows"  # in the model's config.json: the windows it was trained with, for `launcher evaluate`
@@ -30,9 +31,25 @@ def window_sizes(max_length: int, stride: int | None) -> dict[str, int]:
     return {"max_length": max_length, "stride": stride or max_length // 4}
 
 
-def features(tokenizer, rows, max_length: int, stride: int) -> tuple[dict, list[int], list[list]]:
+def check_questions(tokenizer, questions, max_length: int, stride: int, where: str) -> None:
+    """Refuse (by row number) a question that leaves its windows no room to move on: a window holds the whole
+    question, and the next one starts `stride` tokens before the end of this one's context, so the context's part
+    must be longer than `stride`. (The tokenizer would panic in every rank, after the queue.)"""
+    room = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    for number, ids in enumerate(tokenizer(list(questions), add_special_tokens=False)["input_ids"], 1):
+        if len(ids) >= room - stride:
+            raise RecipeError(f"{where}: row {number}: the question is {len(ids)} tokens, which leaves "
+                              f"{max(room - len(ids), 0)} of the {max_length}-token window (training.max_length) "
+                              f"for the context, and windows overlap by head.stride ({stride}), so that part must "
+                              "be longer than the stride; shorten the question, raise training.max_length or lower "
+                              "head.stride")
+
+
+def features(tokenizer, rows, max_length: int, stride: int, where: str = "the data"
+             ) -> tuple[dict, list[int], list[list]]:
     """Every window of every row: model inputs with start and end positions, the row each window comes from, and
     each token's character span in the context (None outside it)."""
+    check_questions(tokenizer, rows["question"], max_length, stride, where)
     encoded = tokenizer(list(rows["question"]), list(rows["context"]), truncation="only_second", max_length=max_length,
                         stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True)
     origin, answers_of = list(encoded.pop("overflow_to_sample_mapping")), list(rows["answers"])
@@ -118,7 +135,8 @@ def make_trainer(recipe, model, args, tokenizer, train_set, eval_set, callbacks,
     kept: dict = {}
 
     def encode(ds):
-        encoded, origin, offsets = features(tokenizer, ds, size["max_length"], size["stride"])
+        name = "data.eval" if ds is eval_set else "data.train"
+        encoded, origin, offsets = features(tokenizer, ds, size["max_length"], size["stride"], name)
         if ds is eval_set:
             kept.update(origin=origin, offsets=offsets)
         return datasets.Dataset.from_dict(encoded)

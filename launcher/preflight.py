@@ -20,7 +20,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from launcher import data, ds_config, modeling, weights
+from launcher import data, ds_config, extractive, modeling, weights
 from launcher.errors import RecipeError
 from launcher.schema import Recipe
 
@@ -56,6 +56,10 @@ def check(recipe: Recipe, where: str) -> None:
             data.load(recipe, where, ds_config.training_value(recipe, "seed"), local_only=True, loaded=sets)
         if (tokenizer := _tokenizer(recipe, where)) is not None:
             check_template(recipe, where, tokenizer, sets)
+            if recipe.task == "question_answering":
+                size = extractive.windows(recipe)
+                for _, path, ds in sets:
+                    extractive.check_questions(tokenizer, ds["question"], size["max_length"], size["stride"], path)
 
 
 def check_packages(recipe: Recipe, where: str) -> None:

@@ -105,15 +105,15 @@ def wordpiece_vocab(texts: list[str], size: int) -> dict[str, int]:
     return {piece: i for i, piece in enumerate(vocab)}
 
 
-def tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    wordpiece = Tokenizer(models.WordPiece(wordpiece_vocab(texts, 400), unk_token=SPECIAL["unk_token"]))
+def tokenizer(texts: list[str], vocab_size: int = 400, max_length: int = 64, **extra) -> PreTrainedTokenizerFast:
+    wordpiece = Tokenizer(models.WordPiece(wordpiece_vocab(texts, vocab_size), unk_token=SPECIAL["unk_token"]))
     wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
     wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     wordpiece.decoder = decoders.WordPiece()
     cls, sep = (wordpiece.token_to_id(SPECIAL[k]) for k in ("cls_token", "sep_token"))
     wordpiece.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=64, **SPECIAL)
+    return PreTrainedTokenizerFast(tokenizer_object=wordpiece, model_max_length=max_length, **SPECIAL, **extra)
 
 
 def main(out: Path) -> None:

@@ -1,8 +1,10 @@
 """Build the QA recipe's shipped assets: short synthetic biographies (4 to 7 facts, each of a different kind, in a
 random order) with one question about one fact, in SQuAD's row format; a lower-cased WordPiece tokenizer with BERT's
-special tokens; and a ~0.1 M-param BERT-shaped encoder with seeded random weights, the stand-in for a pretrained one.
-About half of the questions with their contexts are longer than the recipe's 48-token window, so they are read in
-windows. Deterministic; the outputs are committed. Regenerate with: python recipes/qa/make_assets.py [OUT_DIR]
+special tokens, which gives question and context their segment ids (token_type_ids) as a pretrained BERT's does; and
+a ~0.1 M-param BERT-shaped encoder with seeded random weights, the stand-in for a pretrained one. About half of the
+questions with their contexts are longer than the recipe's 48-token window, so they are read in windows.
+Deterministic (the vocabulary too: the NER script's tie-broken WordPiece); the outputs are committed.
+Regenerate with: python recipes/qa/make_assets.py [OUT_DIR]
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sentiment"))
-from make_assets import tokenizer  # noqa: E402  (the same WordPiece recipe as the sentiment encoder's)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ner"))
+from make_assets import tokenizer  # noqa: E402  (the NER encoder's WordPiece recipe, which is deterministic)
 
 ROWS = {"train": 3000, "eval": 200}
 PEOPLE = ["Alice", "Bob", "Carol", "Dan", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Oscar",
@@ -67,7 +69,7 @@ def main(out: Path) -> None:
         with open(out / "data" / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
     tok = tokenizer([t for r in splits["train"] for t in (r["question"], r["context"])], vocab_size=400,
-                    max_length=128)
+                    max_length=128, model_input_names=["input_ids", "token_type_ids", "attention_mask"])  # BERT's
     tok.save_pretrained(out / "model")
     config = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=128, pad_token_id=tok.pad_token_id,

@@ -17,7 +17,7 @@ import pytest
 
 from launcher import modeling, preflight
 from launcher import recipe as recipes
-from tests.helpers import REPO, assert_rejected, cli, fake_checkpoint, smoke_recipe
+from tests.helpers import REPO, assert_rejected, cli, fake_checkpoint, shipped_recipe, smoke_recipe
 
 SMOKE_DATA = REPO / "recipes" / "smoke" / "data" / "train.jsonl"
 SMOKE_MODEL = REPO / "recipes" / "smoke" / "model"
@@ -271,6 +271,17 @@ def test_bad_row_in_the_eval_set(recipe_factory, tmp_path, refused):
     bad = tmp_path / "eval.jsonl"
     bad.write_bytes(third_row_is({"messages": [{"role": "robot", "content": "x"}]}))
     refused(recipe_factory(data={"train": [DATASET], "eval": [{"path": str(bad)}]}), str(bad), "row 3", "role")
+
+
+def test_question_too_long_for_its_window(tmp_path, refused):
+    """A question that leaves a window no more context than head.stride cannot be windowed: the tokenizer would
+    panic in every rank. The shipped QA recipe's windows are 48 tokens with a stride of 12."""
+    rows = [json.loads(line) for line in (REPO / "recipes/qa/data/eval.jsonl").read_text().splitlines()[:3]]
+    rows[1]["question"] = " ".join(["who"] * 40) + "?"
+    bad = tmp_path / "long.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = shipped_recipe(REPO / "recipes" / "qa.yaml", tmp_path, data={"eval": [{"path": str(bad)}]})
+    refused(recipe, f"{bad}: row 2: the question is", "leaves 0 of the 48-token window", "head.stride (12)")
 
 
 def test_column_mapping_to_a_missing_column(recipe_factory, refused):

@@ -108,3 +108,30 @@ def test_long_contexts_are_read_in_windows_that_find_the_answer():
     i = found[0]
     starts[i, encoded["start_positions"][i]] = ends[i, encoded["end_positions"][i]] = 5.0
     assert extractive.best_answers(starts, ends, origin, offsets, [context]) == ["superb"]
+
+
+def test_a_question_is_refused_exactly_when_the_tokenizer_cannot_window_it():
+    """check_questions' bound is the tokenizer's own: each question length either windows or is refused."""
+    from transformers import AutoTokenizer
+
+    from tests.helpers import REPO
+
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "recipes" / "qa" / "model")
+    context, seen = " ".join(["born"] * 80), set()
+    for words in range(20, 50):
+        question = " ".join(["what"] * words)
+        try:
+            tokenizer([question], [context], truncation="only_second", max_length=48, stride=12,
+                      return_overflowing_tokens=True)
+            windows = True
+        except BaseException:  # noqa: BLE001 - the tokenizer's Rust panic is no Exception
+            windows = False
+        try:
+            extractive.check_questions(tokenizer, [question], 48, 12, "rows.jsonl")
+            refused = False
+        except RecipeError as err:
+            assert str(err).startswith("rows.jsonl: row 1: the question is"), str(err)
+            refused = True
+        assert windows != refused, (words, windows)
+        seen.add(refused)
+    assert seen == {True, False}, "the lengths tried must reach both sides of the bound"
