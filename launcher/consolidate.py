@@ -257,13 +257,13 @@ def lora_head(source: Path) -> tuple[str, dict]:
     labels; the windows of a reader): peft checkpoints hold the adapter only, the run's stored recipe says the rest.
     Read as plain data, not validated again: its data files may have moved since."""
     from launcher import extractive, sft_fields
-    from launcher.modeling import head_config
+    from launcher.modeling import LENGTH_KEY, head_config
 
     recipe = model_card.recipe_of(source)
     task, head = recipe.get("task", "sft"), recipe.get("head") or {}
-    extra = head_config(task, head.get("labels") or [])
+    length = (recipe.get("training") or {}).get("max_length") or sft_fields.fields()["max_length"].default
+    extra = {**head_config(task, head.get("labels") or []), LENGTH_KEY: length}
     if task == "question_answering":
-        length = (recipe.get("training") or {}).get("max_length") or sft_fields.fields()["max_length"].default
         extra[extractive.CONFIG_KEY] = extractive.window_sizes(length, head.get("stride"))
     return task, extra
 

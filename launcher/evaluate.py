@@ -15,7 +15,7 @@ from pathlib import Path
 from launcher import answers, classify, extractive, tagging
 from launcher.data import load_one
 from launcher.errors import RecipeError
-from launcher.modeling import auto_class_for, is_classifier, task_of
+from launcher.modeling import LENGTH_KEY, auto_class_for, is_classifier, task_of
 from launcher.preflight import GENERATION_MARKERS
 from launcher.schema import DatasetSpec
 
@@ -86,6 +86,11 @@ def labels_of(config: dict) -> list[str]:
     return [config["id2label"][str(i)] for i in range(len(config.get("id2label", {})))]
 
 
+def trained_length(config: dict, tokenizer) -> int:
+    """What the trainer truncated rows to (the config keeps it); a model trained elsewhere: its tokenizer's limit."""
+    return config.get(LENGTH_KEY) or min(tokenizer.model_max_length, 4096)
+
+
 def device_and_dtype(config: dict, cuda: bool) -> tuple[str, str]:
     """The GPU when there is one, and the dtype the model was saved in (consolidate writes it): an 8B model in fp32
     on the CPU takes hours and 32 GB."""
@@ -100,7 +105,7 @@ def _classifier_metrics(model, tokenizer, rows, task: str, config: dict, batch_s
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         encoded = tokenizer(batch["text"], truncation=True, padding=True, return_tensors="pt",
-                            max_length=min(tokenizer.model_max_length, 4096))
+                            max_length=trained_length(config, tokenizer))
         outputs.append(model(**encoded.to(model.device)).logits.float().cpu())
         targets += [classify.target(v, task, labels) for v in batch["label"]]
     logits = torch.cat(outputs)
@@ -115,7 +120,7 @@ def _tagger_metrics(model, tokenizer, rows, task: str, config: dict, batch_size:
     """The trainer's own alignment (each word's first sub-token) and entity scores (launcher/tagging.py)."""
     import torch
 
-    labels, length = labels_of(config), min(tokenizer.model_max_length, 4096)
+    labels, length = labels_of(config), trained_length(config, tokenizer)
     predicted, gold, total, count = [], [], 0.0, 0
     for start in range(0, len(rows), batch_size):
         encoded = tagging.align(tokenizer, rows[start : start + batch_size], labels, length)

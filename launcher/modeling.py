@@ -80,6 +80,11 @@ def auto_class_for(config: dict):
     return auto_class(task_of(config))
 
 
+# in a head model's config.json: the length its rows were truncated to in training, so `launcher evaluate` reads
+# them as the trainer did (a pretrained tokenizer's model_max_length, 512 for BERT, is often longer)
+LENGTH_KEY = "trained_max_length"
+
+
 def head_config(task: str, labels: list[str]) -> dict:
     """What a task's new head puts in the model's config: its labels (id2label), or one output for regression."""
     if task in ("classification", "token_classification"):

@@ -191,11 +191,12 @@ def build(recipe, ds: dict, where: str, world: int, stage=lambda name: contextli
         else:
             import importlib
 
+            max_length = ds_config.training_value(recipe, "max_length")
+            setattr(model.config, modeling.LENGTH_KEY, max_length)  # saved with every checkpoint, for evaluate
             if peft_config is not None:  # TRL's SFTTrainer wraps its own; the HF Trainer takes a wrapped model
                 model = modeling.with_adapters(model, peft_config, recipe, args.gradient_checkpointing)
             trainer = importlib.import_module(f"launcher.{HEAD_MODULES[recipe.task]}").make_trainer(
-                recipe, model, args, tokenizer, train_set, eval_set, callbacks,
-                ds_config.training_value(recipe, "max_length"))
+                recipe, model, args, tokenizer, train_set, eval_set, callbacks, max_length)
     if not os.environ.get(console.VERBOSE):
         quiet(trainer, run_dir)
     return Built(trainer, tokenizer, train_set, eval_set, trainable, stopper, throughput)

@@ -29,7 +29,7 @@ def test_ner_recipe_learns_entities_and_evaluate_agrees(tmp_path):
     final = last_eval(run_dir)
     assert final["eval_f1"] >= 0.8, final  # chance: near 0 (an entity counts only with its type and every word)
     model = AutoModelForTokenClassification.from_pretrained(run_dir / "final")
-    assert model.config.id2label[1] == "B-PER"
+    assert model.config.id2label[1] == "B-PER" and model.config.trained_max_length == 64  # evaluate cuts rows there
     evaluated = cli("evaluate", run_dir / "final", "--data", REPO / "recipes/ner/data/eval.jsonl",
                     "--output", tmp_path / "metrics.json")
     assert evaluated.returncode == 0, evaluated.stderr
@@ -52,6 +52,7 @@ def test_lora_classifier_consolidates_to_base_plus_adapter(tmp_path):
     final = tmp_path / "run" / "final"
     merged = AutoModelForSequenceClassification.from_pretrained(final).eval()
     assert merged.config.id2label == {0: "negative", 1: "positive"}
+    assert merged.config.trained_max_length == 32  # the recipe's training.max_length, for evaluate
     base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=2)
     adapted = PeftModel.from_pretrained(base, final / "adapter").eval()
     tokenizer = AutoTokenizer.from_pretrained(final)

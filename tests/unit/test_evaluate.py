@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from launcher import tiny
 from tests.helpers import REPO, cli
 
@@ -76,3 +78,37 @@ def test_a_bf16_model_is_evaluated_in_bf16_and_in_batches(tmp_path, monkeypatch)
     full = run("fp32.json", 4)
     assert full["dtype"] == "float32" and abs(batched["loss"] - full["loss"]) < 2e-2 * full["loss"], (batched, full)
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_classifier_is_evaluated_at_the_length_it_was_trained_to(tmp_path):
+    """The trainer cut rows at training.max_length (8 here); the tokenizer would let 64 through. evaluate reads the
+    length from the model's config, so its loss is the model's own loss on rows cut at 8 tokens."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from launcher import evaluate
+    from launcher.modeling import LENGTH_KEY
+
+    shipped = REPO / "recipes" / "sentiment" / "model"
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(shipped, num_labels=2,
+                                                               id2label={0: "negative", 1: "positive"})
+    torch.nn.init.normal_(model.classifier.weight, std=3.0)  # a head that tells the texts apart, as a trained one does
+    setattr(model.config, LENGTH_KEY, 8)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(shipped)
+    tokenizer.save_pretrained(tmp_path / "model")
+    texts = ["The cast was brilliant and the music was lovely, and the ending stayed with me for days.",
+             "The plot was dull, the jokes fell flat and the whole thing went on far too long, sadly."]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": t, "label": g}) + "\n" for t, g in zip(texts, ["positive", "negative"])))
+    metrics = evaluate.evaluate(str(tmp_path / "model"), str(rows), output=str(tmp_path / "metrics.json"))
+
+    def loss(length):
+        batch = tokenizer(texts, truncation=True, max_length=length, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return model.eval()(**batch, labels=torch.tensor([1, 0])).loss.item()
+
+    assert tokenizer.model_max_length == 64 and len(tokenizer(texts[0])["input_ids"]) > 8
+    assert metrics["loss"] == pytest.approx(loss(8), abs=1e-5)
+    assert abs(loss(8) - loss(64)) > 1e-3  # the length matters to the score
