@@ -262,7 +262,7 @@ def lora_head(source: Path) -> tuple[str, dict]:
     recipe = model_card.recipe_of(source)
     task, head = recipe.get("task", "sft"), recipe.get("head") or {}
     length = (recipe.get("training") or {}).get("max_length") or sft_fields.fields()["max_length"].default
-    extra = {**head_config(task, head.get("labels") or []), LENGTH_KEY: length}
+    extra = {**head_config(task, head.get("labels") or []), **({LENGTH_KEY: length} if task != "sft" else {})}
     if task == "question_answering":
         extra[extractive.CONFIG_KEY] = extractive.window_sizes(length, head.get("stride"))
     return task, extra
@@ -298,10 +298,13 @@ def _merge_lora_in_memory(trained: dict, source: Path, base_ref: str, out: Path,
     """peft's merge_and_unload, for what the streamed merge does not implement: the base is held in fp32."""
     import torch
     from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig
 
     try:
         task, head = lora_head(source)
-        base = auto_class(task).from_pretrained(base_ref, dtype=torch.float32, **head)
+        config = AutoConfig.from_pretrained(base_ref)
+        config.update(head)  # as plain config keys: from_pretrained would hand unknown ones to the model's __init__
+        base = auto_class(task).from_pretrained(base_ref, config=config, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise RecipeError(f"{source}: cannot load the LoRA base model {base_ref} ({str(err).splitlines()[0]}); "
                           "pass --base_model") from None
