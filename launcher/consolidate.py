@@ -262,7 +262,9 @@ def lora_head(source: Path) -> tuple[str, dict]:
     recipe = model_card.recipe_of(source)
     task, head = recipe.get("task", "sft"), recipe.get("head") or {}
     length = (recipe.get("training") or {}).get("max_length") or sft_fields.fields()["max_length"].default
-    extra = {**head_config(task, head.get("labels") or []), **({LENGTH_KEY: length} if task != "sft" else {})}
+    extra = head_config(task, head.get("labels") or [])
+    if task != "sft":  # a language model's evaluate reads whole conversations
+        extra[LENGTH_KEY] = length
     if task == "question_answering":
         extra[extractive.CONFIG_KEY] = extractive.window_sizes(length, head.get("stride"))
     return task, extra
